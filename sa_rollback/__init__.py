@@ -1,0 +1,44 @@
+"""sa_rollback: every test in its own rolled-back PostgreSQL transaction.
+
+Enable the pytest plugin in the root ``conftest.py``::
+
+    pytest_plugins = ["sa_rollback"]
+
+or use the core without pytest::
+
+    with sa_rollback.rollback_scope():
+        ...  # any SQLAlchemy engine, any session: rolled back at the end
+"""
+
+from ._scope import RollbackScope, rollback_scope
+from ._state import SaRollbackWarning
+from .errors import (
+    ConfigurationError,
+    DatabaseSetupError,
+    InterleavedRollbackError,
+    SaRollbackError,
+    ScopeError,
+    StaleConnectionError,
+    TransactionEscapeError,
+    UnsupportedOperationError,
+)
+
+__version__ = "0.1.0"
+
+#: ``pytest_plugins = ["sa_rollback"]`` registers this package; pytest then loads the plugin proper.
+pytest_plugins = ["sa_rollback.plugin"]
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseSetupError",
+    "InterleavedRollbackError",
+    "RollbackScope",
+    "SaRollbackError",
+    "SaRollbackWarning",
+    "ScopeError",
+    "StaleConnectionError",
+    "TransactionEscapeError",
+    "UnsupportedOperationError",
+    "__version__",
+    "rollback_scope",
+]

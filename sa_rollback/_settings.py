@@ -1,0 +1,136 @@
+"""Settings: one table, each a CLI flag, an ini key and an environment variable.
+
+Precedence, highest first: command line, environment variable, ini file,
+default. The environment outranks the ini file because the ini file is
+committed with the project while the environment belongs to one machine or CI
+job. Resolved once per run into the frozen :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Option:
+    field: str
+    flag: str
+    ini: str
+    env: str
+    help: str
+    kind: str = "string"  # "string" or "bool"
+    default: Any = None
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sa_rollback")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "enabled",
+        "--sa-rollback",
+        "sa_rollback",
+        "SA_ROLLBACK",
+        "Roll back every test's database writes: 'on' (default) or 'off' to let writes through",
+        kind="bool",
+        default=True,
+    ),
+    Option(
+        "url",
+        "--sa-url",
+        "sa_rollback_url",
+        "SA_ROLLBACK_URL",
+        "SQLAlchemy URL of the PostgreSQL database (or server) the tests use; "
+        "unset means an embedded server started for the run",
+    ),
+    Option(
+        "schema",
+        "--sa-schema",
+        "sa_rollback_schema",
+        "SA_ROLLBACK_SCHEMA",
+        "Where the schema comes from: 'module:Base' or 'module:metadata', 'alembic:PATH/alembic.ini', "
+        "'sql:FILE[,FILE...]', 'hook:module:function', or 'existing' to clone the database as it stands",
+    ),
+    Option(
+        "rebuild",
+        "--sa-rebuild",
+        "sa_rollback_rebuild",
+        "SA_ROLLBACK_REBUILD",
+        "Rebuild the schema template even when its fingerprint is unchanged",
+        kind="bool",
+        default=False,
+    ),
+    Option(
+        "export_env",
+        "--sa-export-env",
+        "sa_rollback_export_env",
+        "SA_ROLLBACK_EXPORT_ENV",
+        "Name of an environment variable to set to the test database URL (for apps that read DATABASE_URL at import)",
+    ),
+    Option(
+        "server_dir",
+        "--sa-server-dir",
+        "sa_rollback_server_dir",
+        "SA_ROLLBACK_SERVER_DIR",
+        "Data directory of the embedded PostgreSQL server, kept between runs",
+        default=_default_cache_dir(),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings of one run."""
+
+    enabled: bool = True
+    url: Optional[str] = None
+    schema: Optional[str] = None
+    rebuild: bool = False
+    export_env: Optional[str] = None
+    server_dir: Path = Path(_default_cache_dir())
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _to_bool(option: Option, value: str, source: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigurationError(f"{source} is {value!r}; {option.field} takes one of: on, off, true, false, 1, 0.")
+
+
+def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], env: Optional[dict[str, str]] = None) -> Settings:
+    """Resolve every option from the three sources (see the module docstring)."""
+    environ = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw: Any = None
+        source = ""
+        cli_value = cli(option.field)
+        if cli_value is not None:
+            raw, source = cli_value, f"the command line option {option.flag}"
+        elif environ.get(option.env):
+            raw, source = environ[option.env], f"the environment variable {option.env}"
+        else:
+            ini_value = ini(option.ini)
+            if ini_value not in (None, "", []):
+                raw, source = ini_value, f"the ini key {option.ini}"
+        if raw is None:
+            values[option.field] = option.default
+        elif option.kind == "bool":
+            values[option.field] = raw if isinstance(raw, bool) else _to_bool(option, str(raw), source)
+        else:
+            values[option.field] = str(raw).strip()
+    values["server_dir"] = Path(values["server_dir"]).expanduser()
+    return Settings(**values)

@@ -1,0 +1,122 @@
+"""The one process-wide object the listeners consult.
+
+The listeners stay registered for the life of the process; whether they act is
+decided here, by whether a rollback scope is open. Outside a scope the checkout
+listener costs one attribute read.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Optional
+
+from ._drivers import DatabaseKey, driver_for
+from ._transaction import Physical
+from .errors import SaRollbackError, ScopeError
+
+if TYPE_CHECKING:
+    from ._scope import RollbackScope
+
+
+class SaRollbackWarning(UserWarning):
+    """Something sa_rollback cannot isolate, or a setting it ignores."""
+
+
+class State:
+    def __init__(self) -> None:
+        #: the innermost open scope, or None
+        self.top: Optional[RollbackScope] = None
+        self.scopes: list[RollbackScope] = []
+        self.physicals: dict[DatabaseKey, Physical] = {}
+        self._lock = threading.Lock()
+        self._numbers = 0
+        self._warned: set[Any] = set()
+
+    def push(self, scope: RollbackScope) -> None:
+        with self._lock:
+            self.scopes.append(scope)
+            self.top = scope
+
+    def pop(self, scope: RollbackScope) -> None:
+        with self._lock:
+            if not self.scopes or self.scopes[-1] is not scope:
+                raise ScopeError(
+                    "Rollback scopes must close in the reverse order of opening; "
+                    f"{scope!r} is not the innermost open scope."
+                )
+            self.scopes.pop()
+            self.top = self.scopes[-1] if self.scopes else None
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Let connections through for real for a while (wider-scoped fixture setup)."""
+        with self._lock:
+            saved, self.scopes, self.top = self.scopes, [], None
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.scopes = saved + self.scopes
+                self.top = self.scopes[-1] if self.scopes else None
+
+    def next_number(self) -> int:
+        with self._lock:
+            self._numbers += 1
+            return self._numbers
+
+    def report(self, error: Optional[SaRollbackError]) -> None:
+        """Keep an error that SQLAlchemy would swallow, so that the scope raises it at exit."""
+        if error is not None and self.top is not None:
+            self.top.errors.append(error)
+
+    def warn_once(self, key: Any, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, SaRollbackWarning, stacklevel=3)
+
+    def physical_for(self, dbapi_connection: Any, pool: Any) -> Optional[Physical]:
+        """The shared connection that a checkout from ``pool`` joins, created on first use."""
+        driver = driver_for(dbapi_connection)
+        if driver is None:
+            dialect = getattr(pool, "_dialect", None)
+            name = f"{getattr(dialect, 'name', '?')}+{getattr(dialect, 'driver', '?')}"
+            self.warn_once(
+                ("driver", name),
+                f"sa_rollback does not isolate connections of dialect {name!r}: only PostgreSQL "
+                "through psycopg2 or psycopg (3), synchronous engines, is supported. Writes "
+                "through it are real and outlive the test.",
+            )
+            return None
+        key = driver.key(dbapi_connection)
+        phys = self.physicals.get(key)
+        if phys is not None and not phys.broken and not driver.closed(phys.conn):
+            return phys
+        with self._lock:
+            phys = self.physicals.get(key)
+            if phys is not None and not phys.broken and not driver.closed(phys.conn):
+                return phys
+            from sqlalchemy.pool.base import _ConnectionRecord
+
+            # A record of the application's own pool gives a connection set up
+            # exactly like the application's (dialect on_connect hooks, user
+            # "connect" listeners), yet it never enters that pool's queue.
+            record = _ConnectionRecord(pool)
+            conn = record.dbapi_connection
+            driver.make_physical(conn)
+            phys = Physical(key, driver, conn, record)
+            self.physicals[key] = phys
+            return phys
+
+    def close_all(self) -> None:
+        """Close every physical connection (end of the run, or before dropping a database)."""
+        with self._lock:
+            physicals = list(self.physicals.values())
+            self.physicals.clear()
+        for phys in physicals:
+            phys.close()
+
+
+STATE = State()

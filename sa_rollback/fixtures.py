@@ -1,0 +1,135 @@
+"""Fixtures of the pytest plugin. Their docstrings are what ``pytest --fixtures`` shows."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, Optional
+
+import pytest
+
+from ._scope import RollbackScope
+from ._settings import Settings
+from .errors import ConfigurationError
+
+scope_key = pytest.StashKey[Optional[RollbackScope]]()
+
+
+def _marker_args(enabled: bool = True) -> bool:
+    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error."""
+    return enabled
+
+
+def _enabled_for(request: pytest.FixtureRequest, settings: Settings) -> bool:
+    marker = request.node.get_closest_marker("sa_rollback")
+    if marker is None:
+        return settings.enabled
+    try:
+        return bool(_marker_args(*marker.args, **marker.kwargs))
+    except TypeError as exc:
+        raise ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}") from None
+
+
+@pytest.fixture(scope="session")
+def sa_rollback_settings(pytestconfig: pytest.Config) -> Settings:
+    """The resolved sa_rollback settings of this run (a frozen dataclass)."""
+    from .plugin import settings_key
+
+    return pytestconfig.stash[settings_key]
+
+
+@pytest.fixture(autouse=True)
+def _sa_rollback_isolation(
+    request: pytest.FixtureRequest, sa_rollback_settings: Settings
+) -> Generator[None, None, None]:
+    # Autouse and function-scoped: opened after every wider-scoped fixture is
+    # set up, closed after every function-scoped fixture is torn down.
+    if not _enabled_for(request, sa_rollback_settings):
+        request.node.stash[scope_key] = None
+        yield
+        return
+    scope = RollbackScope(request.node.nodeid)
+    request.node.stash[scope_key] = scope
+    with scope:
+        yield
+
+
+@pytest.fixture
+def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]:
+    """The :class:`sa_rollback.RollbackScope` of the current test, or None when disabled.
+
+    Everything the test writes to PostgreSQL, through any engine, is rolled back
+    when it closes. ``sa_rollback_scope.errors`` lists problems that SQLAlchemy
+    would otherwise swallow; the test fails with the first one at teardown.
+    """
+    scope: Optional[RollbackScope] = request.node.stash.get(scope_key, None)
+    return scope
+
+
+@pytest.fixture(scope="session")
+def sa_rollback_url(sa_rollback_settings: Settings) -> str:
+    """The URL of the test database, as a string (password included; do not print it).
+
+    It comes from ``--sa-url`` / ``SA_ROLLBACK_URL`` / the ``sa_rollback_url`` ini key.
+    """
+    if not sa_rollback_settings.url:
+        raise ConfigurationError(
+            "No test database is configured. Set --sa-url, the SA_ROLLBACK_URL environment "
+            "variable or the sa_rollback_url ini key to a SQLAlchemy URL such as "
+            "postgresql://user@localhost/test, or define a `_db` fixture that returns your "
+            "Flask-SQLAlchemy `db`."
+        )
+    return sa_rollback_settings.url
+
+
+@pytest.fixture(scope="session")
+def sa_rollback_engine(sa_rollback_url: str) -> Generator[Any, None, None]:
+    """A SQLAlchemy engine on the test database, shared by the whole run."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(sa_rollback_url)
+    yield engine
+    engine.dispose()
+
+
+def _user_db(request: pytest.FixtureRequest) -> Any:
+    try:
+        return request.getfixturevalue("_db")
+    except pytest.FixtureLookupError:
+        return None
+
+
+@pytest.fixture
+def db_engine(request: pytest.FixtureRequest) -> Any:
+    """An engine on the test database; what it writes is rolled back after the test.
+
+    When the project defines a ``_db`` fixture (pytest-flask-sqlalchemy's
+    convention: it returns the Flask-SQLAlchemy ``db``), this is ``_db.engine``.
+    Otherwise it is an engine on the database that sa_rollback provides. Any
+    other engine is rolled back too; this one is just at hand.
+    """
+    db = _user_db(request)
+    if db is not None:
+        return db.engine
+    return request.getfixturevalue("sa_rollback_engine")
+
+
+@pytest.fixture
+def db_session(request: pytest.FixtureRequest) -> Generator[Any, None, None]:
+    """A SQLAlchemy session on the test database; commit freely, it is all rolled back.
+
+    With a ``_db`` fixture (pytest-flask-sqlalchemy's convention) this is
+    ``_db.session``, the very session the application uses, so the test and the
+    views share one identity map as they did under pytest-flask-sqlalchemy.
+    Otherwise it is a new ``Session`` on ``db_engine``, closed after the test.
+    """
+    db = _user_db(request)
+    if db is not None:
+        yield db.session
+        return
+    from sqlalchemy.orm import Session
+
+    session = Session(bind=request.getfixturevalue("db_engine"))
+    try:
+        yield session
+    finally:
+        session.close()

@@ -1,0 +1,234 @@
+"""The pytest plugin, tested by running pytest inside pytest.
+
+The listeners are process-wide, so every inner session runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import DB_A, driver_url
+
+pytestmark = pytest.mark.usefixtures("_inner_env")
+
+ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
+
+COMMON = """
+import os
+import sqlalchemy as sa
+
+ENGINE = sa.create_engine(os.environ["INNER_URL"])  # created at import time
+
+
+def names():
+    with ENGINE.connect() as conn:
+        return list(conn.execute(sa.text("SELECT name FROM items ORDER BY name")).scalars())
+
+
+def add(name):
+    with ENGINE.begin() as conn:
+        conn.execute(sa.text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+"""
+
+
+@pytest.fixture
+def _inner_env(monkeypatch: pytest.MonkeyPatch, driver: str) -> None:
+    monkeypatch.setenv("INNER_URL", driver_url(driver))
+    monkeypatch.setenv("SA_ROLLBACK_URL", driver_url(driver))
+
+
+def test_installing_alone_changes_nothing(pytester: pytest.Pytester, outside) -> None:
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_leak="""
+        from helpers import add, names
+
+        def test_one():
+            add("leaked")
+
+        def test_two():
+            assert names() == ["leaked"]
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert outside("DELETE FROM items RETURNING name") == [("leaked",)]
+
+
+def test_one_line_isolates_every_test(pytester: pytest.Pytester, outside) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_isolated="""
+        import pytest
+        from helpers import add, names
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_each_starts_empty(n):
+            assert names() == []
+            add(f"row{n}")
+            assert names() == [f"row{n}"]
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_wider_fixtures_commit_for_real(pytester: pytest.Pytester, outside) -> None:
+    pytester.makeconftest(
+        ENABLE
+        + """
+import pytest
+from helpers import ENGINE, add
+import sqlalchemy as sa
+
+@pytest.fixture(scope="session")
+def seeded():
+    add("seed")
+    yield
+    with ENGINE.begin() as conn:
+        conn.execute(sa.text("DELETE FROM items WHERE name = 'seed'"))
+
+@pytest.fixture(scope="module")
+def lazy():
+    add("lazy")
+    yield
+    with ENGINE.begin() as conn:
+        conn.execute(sa.text("DELETE FROM items WHERE name = 'lazy'"))
+"""
+    )
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_scopes="""
+        from helpers import add, names
+
+        def test_first(seeded, request):
+            request.getfixturevalue("lazy")  # first requested inside a test
+            add("mine")
+            assert names() == ["lazy", "mine", "seed"]
+
+        def test_second(seeded, lazy):
+            assert names() == ["lazy", "seed"]
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_db_session_and_db_engine_fixtures(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(
+        test_fixtures="""
+        import sqlalchemy as sa
+
+        def test_write(db_session, db_engine):
+            db_session.execute(sa.text("INSERT INTO items (name) VALUES ('s')"))
+            db_session.commit()
+            with db_engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar() == 1
+
+        def test_clean(db_session):
+            assert db_session.execute(sa.text("SELECT count(*) FROM items")).scalar() == 0
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_db_fixtures_need_a_database(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SA_ROLLBACK_URL")
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(test_x="def test_x(db_session):\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*No test database is configured. Set --sa-url*"])
+
+
+def test_legacy_ini_keys_are_accepted_with_a_message(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makeini("[pytest]\nmocked-sessions = app.db.session\nmocked-engines = app.db.engine\n")
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*mocked-engines, mocked-sessions come from pytest-flask-sqlalchemy*"])
+
+
+def test_swallowed_error_fails_the_test_at_teardown(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_interleave="""
+        from helpers import ENGINE, add
+
+        def test_interleave():
+            raw = ENGINE.raw_connection()
+            raw.cursor().execute("INSERT INTO items (name) VALUES ('a')")
+            add("b")
+            raw.close()  # the pool logs and swallows the error of its reset
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*InterleavedRollbackError*another transaction wrote*"])
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "ini", "marker"])
+def test_isolation_can_be_switched_off(pytester: pytest.Pytester, outside, monkeypatch, how: str) -> None:
+    pytester.makeconftest(ENABLE)
+    marker = "@pytest.mark.sa_rollback(enabled=False)" if how == "marker" else ""
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_off=f"""
+        import pytest
+        from helpers import add
+
+        {marker}
+        def test_real_write():
+            add("real")
+        """,
+    )
+    args = ["-p", "no:cacheprovider"]
+    if how == "flag":
+        args.append("--sa-rollback=off")
+    elif how == "env":
+        monkeypatch.setenv("SA_ROLLBACK", "off")
+    elif how == "ini":
+        pytester.makeini("[pytest]\nsa_rollback = off\n")
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=1)
+    assert outside("DELETE FROM items RETURNING name") == [("real",)]
+
+
+def test_bad_marker_and_bad_setting_say_what_is_wrong(pytester: pytest.Pytester, monkeypatch) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(
+        test_bad="""
+        import pytest
+
+        @pytest.mark.sa_rollback(enabeld=False)
+        def test_typo():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*sa_rollback*unexpected keyword argument 'enabeld'*"])
+    monkeypatch.setenv("SA_ROLLBACK", "maybe")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(["*SA_ROLLBACK is 'maybe'; enabled takes one of: on, off*"])
+    assert result.ret != 0
+
+
+def test_fixture_docs_are_shown(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(ENABLE)
+    result = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")
+    result.stdout.fnmatch_lines(
+        [
+            "*db_session*",
+            "*A SQLAlchemy session on the test database; commit freely, it is all rolled back.*",
+            "*sa_rollback_scope*",
+        ]
+    )
+    assert DB_A  # the inner runs use the suite's own database
