@@ -66,19 +66,18 @@ def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]
 
 
 @pytest.fixture(scope="session")
-def sa_rollback_url(sa_rollback_settings: Settings) -> str:
-    """The URL of the test database, as a string (password included; do not print it).
+def sa_rollback_url(pytestconfig: pytest.Config) -> str:
+    """The URL of this process's test database, as a string (it holds any password; do not print it).
 
-    It comes from ``--sa-url`` / ``SA_ROLLBACK_URL`` / the ``sa_rollback_url`` ini key.
+    With ``--sa-url`` and no schema setting, serial runs use that database as it
+    is. Otherwise it is a clone of the schema template made for this process
+    (each xdist worker has its own), and the application's connections to the
+    configured database are redirected to it. With no URL at all, it lives on
+    an embedded PostgreSQL server started for the run.
     """
-    if not sa_rollback_settings.url:
-        raise ConfigurationError(
-            "No test database is configured. Set --sa-url, the SA_ROLLBACK_URL environment "
-            "variable or the sa_rollback_url ini key to a SQLAlchemy URL such as "
-            "postgresql://user@localhost/test, or define a `_db` fixture that returns your "
-            "Flask-SQLAlchemy `db`."
-        )
-    return sa_rollback_settings.url
+    from .plugin import databases_key
+
+    return pytestconfig.stash[databases_key].get().url_string()
 
 
 @pytest.fixture(scope="session")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+import uuid
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
 from ._settings import OPTIONS, Settings, resolve
 from ._state import STATE, SaRollbackWarning
+from .databases import Provisioned, provision, teardown
+from .errors import SaRollbackError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
     _sa_rollback_isolation,
     db_engine,
@@ -20,6 +25,85 @@ from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin modu
 )
 
 settings_key = pytest.StashKey[Settings]()
+databases_key = pytest.StashKey["Databases"]()
+
+
+def worker_id(config: pytest.Config) -> str:
+    """This process's xdist worker id ("gw0", ...), or "main" without xdist."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return str(workerinput["workerid"])
+    return "main"
+
+
+def _is_xdist_controller(config: pytest.Config) -> bool:
+    if hasattr(config, "workerinput"):
+        return False
+    return bool(getattr(config.option, "numprocesses", None)) and getattr(config.option, "dist", "no") != "no"
+
+
+class Databases:
+    """This process's test database, provisioned once, on first need."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        workerinput = getattr(config, "workerinput", None)
+        self.run_id: str = (
+            workerinput["sa_rollback_run"]
+            if workerinput and "sa_rollback_run" in workerinput
+            else (os.environ.get("SA_ROLLBACK_RUN_ID") or uuid.uuid4().hex[:8])
+        )
+        self.worker = worker_id(config)
+        self.provisioned: Optional[Provisioned] = None
+        self.builds: list[tuple[str, float]] = []
+
+    def get(self) -> Provisioned:
+        if self.provisioned is None:
+            settings = self.settings
+            try:
+                self.provisioned = provision(
+                    url=settings.url,
+                    schema=settings.schema,
+                    server_dir=settings.server_dir,
+                    run_id=self.run_id,
+                    worker=self.worker,
+                    parallel=self.worker != "main",
+                    rebuild=settings.rebuild,
+                    on_build=lambda name, seconds: self.builds.append((name, seconds)),
+                )
+            except SaRollbackError as exc:
+                raise pytest.UsageError(f"sa_rollback: {exc}") from None
+            except Exception:
+                raise pytest.UsageError(
+                    "sa_rollback: setting up the test database failed:\n" + traceback.format_exc()
+                ) from None
+            if settings.export_env:
+                os.environ[settings.export_env] = self.provisioned.url_string()
+        return self.provisioned
+
+    def close(self) -> None:
+        STATE.close_all()
+        if self.provisioned is not None:
+            try:
+                teardown(self.provisioned)
+            except Exception as exc:
+                self.config.issue_config_time_warning(
+                    SaRollbackWarning(f"Dropping the test database {self.provisioned.database!r} failed: {exc}"),
+                    stacklevel=2,
+                )
+            self.provisioned = None
+
+
+class _XdistHooks:
+    """Registered only when pytest-xdist is active: hands the run id to every worker."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["sa_rollback_run"] = self.run_id
+
 
 #: pytest-flask-sqlalchemy's ini keys, accepted so that its users' configs keep loading
 _LEGACY_INI = ("mocked-engines", "mocked-sessions", "mocked-sessionmakers")
@@ -46,6 +130,10 @@ def pytest_configure(config: pytest.Config) -> None:
         ini=lambda key: config.getini(key),
     )
     config.stash[settings_key] = settings
+    databases = Databases(config, settings)
+    config.stash[databases_key] = databases
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(databases.run_id), "sa_rollback_xdist")
     config.addinivalue_line(
         "markers",
         "sa_rollback(enabled=True): enabled=False lets this test's database writes through for real",
@@ -66,8 +154,33 @@ def pytest_configure(config: pytest.Config) -> None:
         install()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    settings = config.stash[settings_key]
+    # An application may read its URL at import, during collection: the
+    # database must exist (and the redirect be in place) before that.
+    eager = settings.url or settings.schema or settings.export_env
+    if eager and not _is_xdist_controller(config):
+        config.stash[databases_key].get()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    databases = config.stash.get(databases_key, None)
+    if databases is None or databases.provisioned is None:
+        return
+    for name, seconds in databases.builds:
+        terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s")
+    template = databases.provisioned.template
+    if template and not databases.builds:
+        terminalreporter.write_line(f"sa_rollback: reused template {template}")
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
-    STATE.close_all()
+    databases = config.stash.get(databases_key, None)
+    if databases is not None:
+        databases.close()
+    else:
+        STATE.close_all()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -20,7 +20,28 @@ from sqlalchemy.engine import make_url
 import sa_rollback
 from sa_rollback._state import STATE
 
-ADMIN_URL = os.environ.get("SA_ROLLBACK_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+def _admin_url() -> str:
+    """The server of the suite: SA_ROLLBACK_TEST_URL, else the local one, else an embedded one."""
+    explicit = os.environ.get("SA_ROLLBACK_TEST_URL")
+    if explicit:
+        return explicit
+    local = "postgresql://postgres@127.0.0.1:5432/postgres"
+    try:
+        psycopg.connect(local, connect_timeout=3).close()
+        return local
+    except psycopg.OperationalError:
+        pass
+    from pathlib import Path
+
+    from sa_rollback.databases import embedded_server
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sa_rollback_selftest"
+    server = embedded_server(cache)
+    return server.admin_url.render_as_string(hide_password=False)
+
+
+ADMIN_URL = os.environ.setdefault("SA_ROLLBACK_TEST_URL", _admin_url())
 DRIVERS = ("psycopg2", "psycopg")
 #: databases this suite owns; created if missing, never dropped
 DB_A = "sa_rollback_selftest_a"
@@ -64,6 +85,10 @@ DROP TABLE IF EXISTS items, notes CASCADE;
 CREATE TABLE items (id serial PRIMARY KEY, name text UNIQUE NOT NULL, qty int NOT NULL DEFAULT 0);
 CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL);
 """
+
+
+def pytest_report_header() -> str:
+    return f"sa_rollback test server: {make_url(ADMIN_URL).render_as_string(hide_password=True)}"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -137,15 +137,6 @@ def test_db_session_and_db_engine_fixtures(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
-def test_db_fixtures_need_a_database(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SA_ROLLBACK_URL")
-    pytester.makeconftest(ENABLE)
-    pytester.makepyfile(test_x="def test_x(db_session):\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*No test database is configured. Set --sa-url*"])
-
-
 def test_legacy_ini_keys_are_accepted_with_a_message(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(ENABLE)
     pytester.makeini("[pytest]\nmocked-sessions = app.db.session\nmocked-engines = app.db.engine\n")

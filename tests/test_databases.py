@@ -1,0 +1,300 @@
+"""Provisioning: server, schema template, per-worker clones, redirect, errors."""
+
+from __future__ import annotations
+
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from sa_rollback import databases
+from sa_rollback.errors import DatabaseSetupError
+
+from .conftest import ADMIN_URL, libpq_dsn
+
+BASE = "sa_rollback_selftest_base"
+ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
+
+MODELS = """
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+"""
+
+SAME_ROW_TESTS = """
+import os
+import pytest
+import sqlalchemy as sa
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_same_row(db_session, i):
+    db_session.execute(sa.text("INSERT INTO users (id, name) VALUES (1, 'same')"))
+    db_session.commit()
+    name = db_session.execute(sa.text("SELECT current_database()")).scalar()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.path.join(os.environ["OUT_DIR"], f"db-{worker}.txt"), "a") as out:
+        out.write(name + "\\n")
+"""
+
+
+def admin() -> psycopg.Connection:
+    return psycopg.connect(libpq_dsn("postgres"), autocommit=True)
+
+
+def base_url(driver: str = "psycopg") -> str:
+    return make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=BASE).render_as_string(False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _base_database() -> Iterator[None]:
+    with admin() as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BASE,)).fetchone() is None:
+            conn.execute(f'CREATE DATABASE "{BASE}"')
+    yield
+    with admin() as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s AND datname NOT LIKE %s",
+            (BASE + "_sar_%", "%_sar_tpl_%"),
+        ).fetchall()
+        assert left == [], f"clones left behind: {left}"
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.setenv("SA_ROLLBACK_URL", base_url())
+    monkeypatch.setenv("OUT_DIR", str(pytester.path))
+    monkeypatch.delenv("SA_ROLLBACK_SCHEMA", raising=False)
+    pytester.makeconftest(ENABLE)
+    return pytester
+
+
+def databases_used(path: Path) -> dict[str, set[str]]:
+    return {p.stem[3:]: set(p.read_text().split()) for p in path.glob("db-*.txt")}
+
+
+def test_xdist_workers_get_their_own_clone_and_the_template_is_built_once(inner: pytest.Pytester) -> None:
+    marker = uuid.uuid4().hex  # a new hook source, so this run must build a new template
+    inner.makepyfile(
+        models=MODELS,
+        schema_hook=f"""
+        # {marker}
+        import os
+        import sqlalchemy as sa
+        from models import Base
+
+        def build(url):
+            with open(os.path.join(os.environ["OUT_DIR"], "builds.txt"), "a") as out:
+                out.write(url.rsplit("/", 1)[-1] + "\\n")
+            engine = sa.create_engine(url)
+            Base.metadata.create_all(engine)
+            engine.dispose()
+        """,
+        test_rows=SAME_ROW_TESTS,
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--sa-schema", "hook:schema_hook:build")
+    result.assert_outcomes(passed=6)
+    used = databases_used(inner.path)
+    assert set(used) == {"gw0", "gw1"}
+    assert all(len(names) == 1 for names in used.values())
+    assert used["gw0"] != used["gw1"]
+    assert (inner.path / "builds.txt").read_text().count("\n") == 1
+
+
+def test_unchanged_schema_is_reused_and_a_changed_one_rebuilt(inner: pytest.Pytester) -> None:
+    table = f"t_{uuid.uuid4().hex[:10]}"
+    models = MODELS.replace('"users"', f'"{table}"')
+    inner.makepyfile(models=models, test_one="def test_one(db_session):\n    pass\n")
+    args = ("-p", "no:cacheprovider", "--sa-schema", "models:Base")
+    first = inner.runpytest_subprocess(*args)
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["*sa_rollback: built template*"])
+    second = inner.runpytest_subprocess(*args)
+    second.assert_outcomes(passed=1)
+    second.stdout.fnmatch_lines(["*sa_rollback: reused template*"])
+    inner.makepyfile(models=models + "    email: Mapped[str | None]\n")
+    third = inner.runpytest_subprocess(*args)
+    third.stdout.fnmatch_lines(["*sa_rollback: built template*"])
+    forced = inner.runpytest_subprocess(*args, "--sa-rebuild=on")
+    forced.stdout.fnmatch_lines(["*sa_rollback: built template*"])
+
+
+def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monkeypatch) -> None:
+    monkeypatch.setenv("APP_URL", base_url("psycopg2"))
+    inner.makepyfile(
+        models=MODELS,
+        app="""
+        import os
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(os.environ["APP_URL"])  # the application's own configuration
+        EXPORTED = os.environ["DATABASE_URL"]  # read at import, as many apps do
+        """,
+        test_app="""
+        import sqlalchemy as sa
+        from app import EXPORTED, engine
+
+        def test_redirected(sa_rollback_url):
+            with engine.connect() as conn:
+                name = conn.execute(sa.text("SELECT current_database()")).scalar()
+            assert name != "sa_rollback_selftest_base"
+            assert name == sa_rollback_url.rsplit("/", 1)[-1]
+            assert EXPORTED == sa_rollback_url
+            with engine.begin() as conn:
+                conn.execute(sa.text("INSERT INTO users (name) VALUES ('x')"))
+        """,
+    )
+    result = inner.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--sa-schema", "models:Base", "--sa-export-env", "DATABASE_URL"
+    )
+    result.assert_outcomes(passed=1)
+    with psycopg.connect(libpq_dsn(BASE)) as conn:  # the configured database itself was never touched
+        assert conn.execute("SELECT to_regclass('users')").fetchone() == (None,)
+
+
+def test_sql_files_and_existing_database(inner: pytest.Pytester) -> None:
+    inner.makefile(".sql", schema="CREATE TABLE users (id serial PRIMARY KEY, name text UNIQUE);")
+    inner.makepyfile(test_rows=SAME_ROW_TESTS)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "sql:schema.sql")
+    result.assert_outcomes(passed=6)
+    assert len(databases_used(inner.path)["main"]) == 1
+    # 'existing' clones the configured database as it stands: it has no users table.
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "existing", "-x")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(['*relation "users" does not exist*'])
+
+
+def test_alembic_schema(inner: pytest.Pytester) -> None:
+    head = uuid.uuid4().hex[:12]
+    (inner.path / "migrations" / "versions").mkdir(parents=True)
+    inner.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n")
+    (inner.path / "migrations" / "env.py").write_text(
+        textwrap.dedent(
+            """
+            from alembic import context
+
+            connection = context.config.attributes["connection"]
+            context.configure(connection=connection, target_metadata=None)
+            with context.begin_transaction():
+                context.run_migrations()
+            """
+        )
+    )
+    (inner.path / "migrations" / "script.py.mako").write_text("")
+    (inner.path / "migrations" / "versions" / f"{head}_users.py").write_text(
+        textwrap.dedent(
+            f"""
+            import sqlalchemy as sa
+            from alembic import op
+
+            revision = "{head}"
+            down_revision = None
+
+            def upgrade():
+                op.create_table("users", sa.Column("id", sa.Integer, primary_key=True),
+                                sa.Column("name", sa.Text, unique=True))
+            """
+        )
+    )
+    inner.makepyfile(test_rows=SAME_ROW_TESTS)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
+    result.assert_outcomes(passed=6)
+    # A second head makes the schema ambiguous: a clear error, once.
+    (inner.path / "migrations" / "versions" / "other.py").write_text(
+        'revision = "other1"\ndown_revision = None\ndef upgrade():\n    pass\n'
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*Alembic has several heads*merge them*"])
+
+
+def test_failing_schema_hook_shows_its_traceback_once(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        schema_hook="def build(url):\n    raise RuntimeError('the hook broke')\n",
+        test_many="import pytest\n\n@pytest.mark.parametrize('i', range(5))\ndef test_x(db_session, i):\n    pass\n",
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "hook:schema_hook:build")
+    assert result.ret != 0
+    output = result.stdout.str() + result.stderr.str()
+    assert output.count("RuntimeError: the hook broke") == 1
+    assert "schema_hook.py" in output
+
+
+def test_unreachable_server_names_host_port_and_setting_without_password(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_x="def test_x(db_session):\n    pass\n")
+    result = inner.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--sa-url", "postgresql://someone:s3cret@127.0.0.1:1/app"
+    )
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*PostgreSQL is unreachable at 127.0.0.1:1 as user someone*--sa-url*"])
+    assert "s3cret" not in result.stdout.str() + result.stderr.str()
+
+
+def test_role_without_createdb_gets_a_clear_error(inner: pytest.Pytester) -> None:
+    with admin() as conn:
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'sa_rollback_nocreate'").fetchone() is None:
+            conn.execute("CREATE ROLE sa_rollback_nocreate LOGIN NOCREATEDB")
+    url = make_url(base_url()).set(username="sa_rollback_nocreate").render_as_string(False)
+    inner.makepyfile(models=MODELS, test_x="def test_x(db_session):\n    pass\n")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-url", url, "--sa-schema", "models:Base")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*may not create databases*CREATEDB*"])
+
+
+def test_embedded_server_with_zero_configuration(inner: pytest.Pytester, monkeypatch, tmp_path_factory) -> None:
+    monkeypatch.delenv("SA_ROLLBACK_URL")
+    monkeypatch.setenv("SA_ROLLBACK_SERVER_DIR", str(tmp_path_factory.getbasetemp() / "embedded"))
+    inner.makepyfile(
+        test_zero="""
+        import sqlalchemy as sa
+
+        def test_create_and_write(db_session):
+            db_session.execute(sa.text("CREATE TABLE t (x int)"))
+            db_session.execute(sa.text("INSERT INTO t VALUES (1)"))
+            db_session.commit()
+            assert db_session.execute(sa.text("SELECT current_database()")).scalar().startswith("sa_rollback_sar_")
+
+        def test_rolled_back(db_session):
+            assert db_session.execute(sa.text("SELECT to_regclass('t')")).scalar() is None
+        """
+    )
+    for extra in ((), ("-n", "2")):
+        result = inner.runpytest_subprocess("-p", "no:cacheprovider", *extra)
+        result.assert_outcomes(passed=2)
+
+
+def test_never_drops_or_replaces_a_database_it_did_not_create() -> None:
+    name = f"{BASE}_foreign"
+    with admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+        try:
+            assert databases.drop_owned(conn, name) is False
+            server = databases.Server(admin_url=make_url(ADMIN_URL))
+            with pytest.raises(DatabaseSetupError, match="sa_rollback did not create it"):
+                databases.clone(server, BASE, name, "run")
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
+        finally:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
+def test_names_are_quoted_bounded_and_run_unique() -> None:
+    assert databases.quote_ident('we"ird') == '"we""ird"'
+    long_base = "x" * 80
+    assert len(databases.clone_name(long_base, "run1", "gw0")) <= 63
+    assert databases.clone_name(long_base, "run1", "gw0") != databases.clone_name(long_base, "run2", "gw0")
+    assert databases.template_name(long_base, "a" * 64) != databases.template_name(long_base, "b" * 64)
+    assert databases.safe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
