@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -494,6 +495,84 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# -- real-commit tests: snapshot and restore ------------------------------------------------
+
+
+class _Pools:
+    """Every pool that opened a connection in this process, so they can all let go of a database."""
+
+    def __init__(self) -> None:
+        self.pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        from sqlalchemy import event
+        from sqlalchemy.pool import Pool
+
+        # "connect" fires only for new DBAPI connections: nothing on the checkout path.
+        event.listen(Pool, "connect", self._on_connect)
+        self._installed = True
+
+    def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
+        pool = getattr(connection_record, "_ConnectionRecord__pool", None)
+        if pool is not None:
+            self.pools.add(pool)
+
+    def dispose_all(self) -> None:
+        for pool in list(self.pools):
+            try:
+                pool.dispose()
+            except Exception:
+                pass
+
+
+POOLS = _Pools()
+
+
+def _disconnect(conn: Any, database: str) -> None:
+    from ._state import STATE
+
+    STATE.close_all()
+    POOLS.dispose_all()
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (database,),
+    )
+
+
+def snapshot_name(database: str) -> str:
+    return _short(f"{database}_snap", 63)
+
+
+def take_snapshot(server: Server, database: str, run_id: str) -> str:
+    """Copy a database this process owns, before a test that commits for real."""
+    name = snapshot_name(database)
+    with _connect(server.admin_url) as conn:
+        comment = _comment(conn, database)
+        if comment is None or not comment.startswith(MARK):
+            raise DatabaseSetupError(
+                f"A test with real commits needs a database that sa_rollback created and may restore, "
+                f"but {database!r} is your own. Set --sa-schema (for example 'existing', to clone it as "
+                "it stands) so that tests run on a clone."
+            )
+        if _exists(conn, name):
+            drop_owned(conn, name)
+        _disconnect(conn, database)
+        _create(conn, name, database, f"{MARK}clone run={run_id} host={_HOSTNAME} pid={os.getpid()}")
+    return name
+
+
+def restore_snapshot(server: Server, database: str, snapshot: str) -> None:
+    """Put the snapshot back in place of the database the test committed to."""
+    with _connect(server.admin_url) as conn:
+        _disconnect(conn, database)
+        if not drop_owned(conn, database):
+            raise DatabaseSetupError(f"{database!r} lost sa_rollback's mark; it was not restored.")
+        conn.execute(f"ALTER DATABASE {quote_ident(snapshot)} RENAME TO {quote_ident(database)}")
+
+
 # -- redirecting the application's connections ------------------------------------------------
 
 
@@ -580,6 +659,10 @@ class Provisioned:
 
     def url_string(self) -> str:
         return self.url.render_as_string(hide_password=False)
+
+    def owned(self) -> list[str]:
+        """The databases of this process that sa_rollback created."""
+        return ([self.database] if self.created else []) + self.extras
 
 
 def provision(

@@ -14,19 +14,20 @@ from .errors import ConfigurationError
 scope_key = pytest.StashKey[Optional[RollbackScope]]()
 
 
-def _marker_args(enabled: bool = True) -> bool:
+def _marker_args(enabled: bool = True, real_commits: bool = False) -> tuple[bool, bool]:
     """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error."""
-    return enabled
+    return bool(enabled), bool(real_commits)
 
 
-def _enabled_for(request: pytest.FixtureRequest, settings: Settings) -> bool:
+def _mode_for(request: pytest.FixtureRequest, settings: Settings) -> tuple[bool, bool]:
     marker = request.node.get_closest_marker("sa_rollback")
     if marker is None:
-        return settings.enabled
+        return settings.enabled, False
     try:
-        return bool(_marker_args(*marker.args, **marker.kwargs))
+        enabled, real_commits = _marker_args(*marker.args, **marker.kwargs)
     except TypeError as exc:
         raise ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}") from None
+    return enabled and settings.enabled, real_commits and settings.enabled
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +44,12 @@ def _sa_rollback_isolation(
 ) -> Generator[None, None, None]:
     # Autouse and function-scoped: opened after every wider-scoped fixture is
     # set up, closed after every function-scoped fixture is torn down.
-    if not _enabled_for(request, sa_rollback_settings):
+    enabled, real_commits = _mode_for(request, sa_rollback_settings)
+    if real_commits:
+        request.node.stash[scope_key] = None
+        yield from _real_commits(request)
+        return
+    if not enabled:
         request.node.stash[scope_key] = None
         yield
         return
@@ -51,6 +57,27 @@ def _sa_rollback_isolation(
     request.node.stash[scope_key] = scope
     with scope:
         yield
+
+
+def _real_commits(request: pytest.FixtureRequest) -> Generator[None, None, None]:
+    """Let the test commit for real, then put every database of this process back as it was."""
+    from .databases import restore_snapshot, take_snapshot
+    from .plugin import databases_key
+
+    databases = request.config.stash[databases_key]
+    provisioned = databases.get()
+    if not provisioned.owned():
+        raise ConfigurationError(
+            "@pytest.mark.sa_rollback(real_commits=True) restores a database sa_rollback created, but "
+            f"this run uses {provisioned.database!r} as it is. Set --sa-schema (for example 'existing') "
+            "so that the tests run on a clone."
+        )
+    snapshots = [(name, take_snapshot(provisioned.server, name, databases.run_id)) for name in provisioned.owned()]
+    try:
+        yield
+    finally:
+        for name, snapshot in snapshots:
+            restore_snapshot(provisioned.server, name, snapshot)
 
 
 @pytest.fixture

@@ -137,7 +137,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(databases.run_id), "sa_rollback_xdist")
     config.addinivalue_line(
         "markers",
-        "sa_rollback(enabled=True): enabled=False lets this test's database writes through for real",
+        "sa_rollback(enabled=True, real_commits=False): enabled=False lets this test's writes through "
+        "for real; real_commits=True commits for real and restores the databases afterwards",
     )
     used = [key for key in _LEGACY_INI if config.getini(key)]
     if used:
@@ -151,8 +152,10 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if settings.enabled:
         from ._listeners import install
+        from .databases import POOLS
 
         install()
+        POOLS.install()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -298,3 +298,64 @@ def test_names_are_quoted_bounded_and_run_unique() -> None:
     assert databases.clone_name(long_base, "run1", "gw0") != databases.clone_name(long_base, "run2", "gw0")
     assert databases.template_name(long_base, "a" * 64) != databases.template_name(long_base, "b" * 64)
     assert databases.safe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+
+
+REAL_COMMIT_TESTS = """
+import os
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+SEEN = {}
+
+
+def plain(url):
+    return psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True)
+
+
+@pytest.mark.sa_rollback(real_commits=True)
+def test_commits_for_real(db_engine, sa_rollback_url):
+    with open(os.path.join(os.environ["OUT_DIR"], "seq.txt"), "w") as out:
+        with db_engine.connect() as conn:
+            out.write(str(conn.execute(sa.text("SELECT nextval('users_id_seq')")).scalar()))
+    with plain(sa_rollback_url) as listener:
+        listener.execute("LISTEN news")
+        with db_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO users (name) VALUES ('real')"))
+            conn.execute(sa.text("NOTIFY news, 'hello'"))
+        # another connection, outside SQLAlchemy, reads the committed row
+        assert listener.execute("SELECT name FROM users").fetchall() == [("real",)]
+        assert [n.payload for n in listener.notifies(timeout=5, stop_after=1)] == ["hello"]
+    with db_engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("CREATE INDEX CONCURRENTLY users_name_idx ON users (name)"))
+
+
+def test_everything_is_back(db_engine):
+    with db_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM users")).scalar() == 0
+        assert conn.execute(sa.text("SELECT to_regclass('users_name_idx')")).scalar() is None
+        first = conn.execute(sa.text("SELECT nextval('users_id_seq')")).scalar()
+    with open(os.path.join(os.environ["OUT_DIR"], "seq.txt")) as seen:
+        assert str(first) == seen.read()  # the sequence was restored too
+"""
+
+
+def test_real_commit_mode_restores_the_database(inner: pytest.Pytester) -> None:
+    inner.makepyfile(models=MODELS, test_real=REAL_COMMIT_TESTS)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "models:Base")
+    result.assert_outcomes(passed=2)
+
+
+def test_real_commit_mode_refuses_a_database_it_does_not_own(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        test_real="""
+        import pytest
+
+        @pytest.mark.sa_rollback(real_commits=True)
+        def test_x():
+            pass
+        """
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*real_commits=True) restores a database sa_rollback created*--sa-schema*"])
