@@ -665,17 +665,32 @@ class Provisioned:
         return ([self.database] if self.created else []) + self.extras
 
 
-def provision(
+@dataclass
+class Plan:
+    """The server, base database and template of a run, before any clone."""
+
+    server: Server
+    driver_url: URL
+    base: str
+    configured: Optional[str]
+    template: Optional[str]
+    timings: dict[str, float]
+
+
+def prepare(
     url: Optional[str],
     schema: Optional[str],
     server_dir: Path,
     run_id: str,
-    worker: str,
     parallel: bool,
     rebuild: bool = False,
     on_build: Optional[Callable[[str, float], None]] = None,
-) -> Provisioned:
-    """Provide this process's test database (see the module docstring)."""
+) -> Plan:
+    """Start or find the server and build the template if needed; clone nothing.
+
+    The xdist controller calls this before the workers start, so a failing
+    schema build is reported once, and the workers only clone.
+    """
     timings: dict[str, float] = {}
     started = time.perf_counter()
     server, configured = resolve_server(url, server_dir)
@@ -691,21 +706,29 @@ def provision(
         base = configured
     if source is None and configured is not None and not parallel:
         # A configured database, no schema to build, one process: use it as it is.
-        return Provisioned(server, driver_url.set(database=base), base, False, timings)
+        return Plan(server, driver_url, base, configured, None, timings)
     if source is None:
         source = SchemaSource("existing", "existing", "", lambda u: None)
-    drop_dead_clones(server, base)
     started = time.perf_counter()
     template = ensure_template(server, base, source, run_id, rebuild, on_build)
     timings["template"] = time.perf_counter() - started
-    database = clone_name(base, run_id, worker)
+    return Plan(server, driver_url, base, configured, template, timings)
+
+
+def provision(plan: Plan, run_id: str, worker: str) -> Provisioned:
+    """Provide this process's test database from the plan that :func:`prepare` made."""
+    server = plan.server
+    timings = dict(plan.timings)
+    if plan.template is None:
+        return Provisioned(server, plan.driver_url.set(database=plan.base), plan.base, False, timings)
+    drop_dead_clones(server, plan.base)
+    database = clone_name(plan.base, run_id, worker)
     started = time.perf_counter()
-    clone(server, template, database, run_id)
+    clone(server, plan.template, database, run_id)
     timings["clone"] = time.perf_counter() - started
-    target = driver_url.set(database=database)
-    if configured is not None:
-        REDIRECT.add(driver_url, configured, database)
-    return Provisioned(server, target, database, True, timings, template)
+    if plan.configured is not None:
+        REDIRECT.add(plan.driver_url, plan.configured, database)
+    return Provisioned(server, plan.driver_url.set(database=database), database, True, timings, plan.template)
 
 
 def teardown(provisioned: Provisioned) -> None:

@@ -6,13 +6,13 @@ import os
 import traceback
 import uuid
 from collections.abc import Generator
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import pytest
 
 from ._settings import OPTIONS, Settings, resolve
 from ._state import STATE, SaRollbackWarning
-from .databases import Provisioned, provision, teardown
+from .databases import Plan, Provisioned, prepare, provision, teardown
 from .errors import SaRollbackError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
     _sa_rollback_isolation,
@@ -25,6 +25,7 @@ from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin modu
     sa_rollback_url,
 )
 
+T = TypeVar("T")
 settings_key = pytest.StashKey[Settings]()
 databases_key = pytest.StashKey["Databases"]()
 
@@ -57,31 +58,44 @@ class Databases:
         )
         self.worker = worker_id(config)
         self.provisioned: Optional[Provisioned] = None
+        self._plan: Optional[Plan] = None
         self.builds: list[tuple[str, float]] = []
 
-    def get(self) -> Provisioned:
-        if self.provisioned is None:
+    def plan(self) -> Plan:
+        """Server and template, made once per process (the xdist controller makes it first)."""
+        if self._plan is None:
             settings = self.settings
-            try:
-                self.provisioned = provision(
+            self._plan = self._guard(
+                lambda: prepare(
                     url=settings.url,
                     schema=settings.schema,
                     server_dir=settings.server_dir,
                     run_id=self.run_id,
-                    worker=self.worker,
-                    parallel=self.worker != "main",
+                    parallel=self.worker != "main" or _is_xdist_controller(self.config),
                     rebuild=settings.rebuild,
                     on_build=lambda name, seconds: self.builds.append((name, seconds)),
                 )
-            except SaRollbackError as exc:
-                raise pytest.UsageError(f"sa_rollback: {exc}") from None
-            except Exception:
-                raise pytest.UsageError(
-                    "sa_rollback: setting up the test database failed:\n" + traceback.format_exc()
-                ) from None
-            if settings.export_env:
-                os.environ[settings.export_env] = self.provisioned.url_string()
+            )
+        return self._plan
+
+    def get(self) -> Provisioned:
+        if self.provisioned is None:
+            plan = self.plan()
+            self.provisioned = self._guard(lambda: provision(plan, self.run_id, self.worker))
+            if self.settings.export_env:
+                os.environ[self.settings.export_env] = self.provisioned.url_string()
         return self.provisioned
+
+    @staticmethod
+    def _guard(step: Callable[[], T]) -> T:
+        try:
+            return step()
+        except SaRollbackError as exc:
+            raise pytest.UsageError(f"sa_rollback: {exc}") from None
+        except Exception:
+            raise pytest.UsageError(
+                "sa_rollback: setting up the test database failed:\n" + traceback.format_exc()
+            ) from None
 
     def close(self) -> None:
         STATE.close_all()
@@ -158,29 +172,34 @@ def pytest_configure(config: pytest.Config) -> None:
         POOLS.install()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     settings = config.stash[settings_key]
+    databases = config.stash[databases_key]
     # An application may read its URL at import, during collection: the
     # database must exist (and the redirect be in place) before that.
-    eager = settings.url or settings.schema or settings.export_env
-    if eager and not _is_xdist_controller(config):
-        config.stash[databases_key].get()
+    if not (settings.url or settings.schema or settings.export_env):
+        return
+    if _is_xdist_controller(config):
+        # tryfirst: before xdist starts the workers, which then only clone.
+        databases.plan()
+    else:
+        databases.get()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     databases = config.stash.get(databases_key, None)
-    if databases is None or databases.provisioned is None:
+    if databases is None:
         return
-    provisioned = databases.provisioned
     for name, seconds in databases.builds:
         terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s")
-    if provisioned.template and provisioned.template != provisioned.database:
-        if not databases.builds and "_sar_tpl_" in provisioned.template:
-            terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}")
-        terminalreporter.write_line(
-            f"sa_rollback: test database {provisioned.database} (clone of {provisioned.template})"
-        )
+    provisioned = databases.provisioned
+    if provisioned is None or not provisioned.template or provisioned.template == provisioned.database:
+        return
+    if not databases.builds and "_sar_tpl_" in provisioned.template:
+        terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}")
+    terminalreporter.write_line(f"sa_rollback: test database {provisioned.database} (clone of {provisioned.template})")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -221,12 +221,13 @@ def test_alembic_schema(inner: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*Alembic has several heads*merge them*"])
 
 
-def test_failing_schema_hook_shows_its_traceback_once(inner: pytest.Pytester) -> None:
+@pytest.mark.parametrize("extra", [(), ("-n", "2")], ids=["serial", "xdist"])
+def test_failing_schema_hook_shows_its_traceback_once(inner: pytest.Pytester, extra: tuple[str, ...]) -> None:
     inner.makepyfile(
         schema_hook="def build(url):\n    raise RuntimeError('the hook broke')\n",
         test_many="import pytest\n\n@pytest.mark.parametrize('i', range(5))\ndef test_x(db_session, i):\n    pass\n",
     )
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "hook:schema_hook:build")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "hook:schema_hook:build", *extra)
     assert result.ret != 0
     output = result.stdout.str() + result.stderr.str()
     assert output.count("RuntimeError: the hook broke") == 1
