@@ -9,25 +9,6 @@ import pytest
 
 from ._scope import RollbackScope
 from ._settings import Settings
-from .errors import ConfigurationError
-
-scope_key = pytest.StashKey[Optional[RollbackScope]]()
-
-
-def _marker_args(enabled: bool = True, real_commits: bool = False) -> tuple[bool, bool]:
-    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error."""
-    return bool(enabled), bool(real_commits)
-
-
-def _mode_for(request: pytest.FixtureRequest, settings: Settings) -> tuple[bool, bool]:
-    marker = request.node.get_closest_marker("sa_rollback")
-    if marker is None:
-        return settings.enabled, False
-    try:
-        enabled, real_commits = _marker_args(*marker.args, **marker.kwargs)
-    except TypeError as exc:
-        raise ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}") from None
-    return enabled and settings.enabled, real_commits and settings.enabled
 
 
 @pytest.fixture(scope="session")
@@ -38,48 +19,6 @@ def sa_rollback_settings(pytestconfig: pytest.Config) -> Settings:
     return pytestconfig.stash[settings_key]
 
 
-@pytest.fixture(autouse=True)
-def _sa_rollback_isolation(
-    request: pytest.FixtureRequest, sa_rollback_settings: Settings
-) -> Generator[None, None, None]:
-    # Autouse and function-scoped: opened after every wider-scoped fixture is
-    # set up, closed after every function-scoped fixture is torn down.
-    enabled, real_commits = _mode_for(request, sa_rollback_settings)
-    if real_commits:
-        request.node.stash[scope_key] = None
-        yield from _real_commits(request)
-        return
-    if not enabled:
-        request.node.stash[scope_key] = None
-        yield
-        return
-    scope = RollbackScope(request.node.nodeid)
-    request.node.stash[scope_key] = scope
-    with scope:
-        yield
-
-
-def _real_commits(request: pytest.FixtureRequest) -> Generator[None, None, None]:
-    """Let the test commit for real, then put every database of this process back as it was."""
-    from .databases import restore_snapshot, take_snapshot
-    from .plugin import databases_key
-
-    databases = request.config.stash[databases_key]
-    provisioned = databases.get()
-    if not provisioned.owned():
-        raise ConfigurationError(
-            "@pytest.mark.sa_rollback(real_commits=True) restores a database sa_rollback created, but "
-            f"this run uses {provisioned.database!r} as it is. Set --sa-schema (for example 'existing') "
-            "so that the tests run on a clone."
-        )
-    snapshots = [(name, take_snapshot(provisioned.server, name, databases.run_id)) for name in provisioned.owned()]
-    try:
-        yield
-    finally:
-        for name, snapshot in snapshots:
-            restore_snapshot(provisioned.server, name, snapshot)
-
-
 @pytest.fixture
 def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]:
     """The :class:`sa_rollback.RollbackScope` of the current test, or None when disabled.
@@ -88,6 +27,8 @@ def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]
     when it closes. ``sa_rollback_scope.errors`` lists problems that SQLAlchemy
     would otherwise swallow; the test fails with the first one at teardown.
     """
+    from .plugin import scope_key
+
     scope: Optional[RollbackScope] = request.node.stash.get(scope_key, None)
     return scope
 

@@ -10,12 +10,12 @@ from typing import Any, Callable, Optional, TypeVar
 
 import pytest
 
+from ._scope import RollbackScope
 from ._settings import OPTIONS, Settings, resolve
 from ._state import STATE, SaRollbackWarning
 from .databases import Plan, Provisioned, prepare, provision, teardown
-from .errors import SaRollbackError
+from .errors import ConfigurationError, SaRollbackError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
-    _sa_rollback_isolation,
     db_engine,
     db_session,
     sa_rollback_engine,
@@ -27,6 +27,10 @@ from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin modu
 
 T = TypeVar("T")
 settings_key = pytest.StashKey[Settings]()
+#: the test's RollbackScope (None when the test runs without one); set when its first fixture is set up
+scope_key = pytest.StashKey[Optional[RollbackScope]]()
+#: (enabled, real_commits) of the test, from the settings and its marker
+mode_key = pytest.StashKey[tuple[bool, bool]]()
 databases_key = pytest.StashKey["Databases"]()
 
 
@@ -210,17 +214,88 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         STATE.close_all()
 
 
+def _marker_args(enabled: bool = True, real_commits: bool = False) -> tuple[bool, bool]:
+    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error."""
+    return bool(enabled), bool(real_commits)
+
+
+def _begin(item: pytest.Item) -> None:
+    """Open the test's scope (or snapshot for real commits); the item's teardown closes it.
+
+    Called when the first function-scoped fixture of the test is set up, or
+    when the test is called if it has none: after every wider fixture, before
+    every function fixture. The finalizer is registered before any function
+    fixture's, so it runs after all of them and before wider ones are torn down.
+    """
+    item.stash[scope_key] = None
+    enabled, real_commits = item.stash.get(mode_key, (False, False))
+    if not enabled:
+        return
+    if real_commits:
+        item.addfinalizer(_snapshot_all(item))
+        return
+    scope = RollbackScope(item.nodeid).__enter__()
+    item.stash[scope_key] = scope
+    item.addfinalizer(scope.close)
+
+
+def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
+    """Copy every database this process owns; return the function that puts them back."""
+    from .databases import restore_snapshot, take_snapshot
+
+    databases = item.config.stash[databases_key]
+    provisioned = databases.get()
+    if not provisioned.owned():
+        raise ConfigurationError(
+            "@pytest.mark.sa_rollback(real_commits=True) restores a database sa_rollback created, but "
+            f"this run uses {provisioned.database!r} as it is. Set --sa-schema (for example 'existing') "
+            "so that the tests run on a clone."
+        )
+    snapshots = [(name, take_snapshot(provisioned.server, name, databases.run_id)) for name in provisioned.owned()]
+
+    def restore() -> None:
+        for name, snapshot in snapshots:
+            restore_snapshot(provisioned.server, name, snapshot)
+
+    return restore
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
 ) -> Generator[None, Any, Any]:
-    """Set up fixtures of a wider scope outside the test's transaction.
+    """Open the test's scope before its first function fixture; keep wider fixtures out of it.
 
     A session fixture requested for the first time by a test (directly or
     through ``request.getfixturevalue``) must commit for real, or its data would
     vanish after that first test.
     """
-    if fixturedef.scope == "function" or STATE.top is None:
+    if fixturedef.scope == "function":
+        item = request.node
+        if scope_key not in item.stash:
+            _begin(item)
+        return (yield)
+    if STATE.top is None:
         return (yield)
     with STATE.suspended():
         return (yield)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Read the marker once, before any fixture: a typo is a setup error of that test."""
+    settings = item.config.stash[settings_key]
+    mode = (settings.enabled, False)
+    marker = item.get_closest_marker("sa_rollback")
+    if marker is not None and settings.enabled:
+        try:
+            mode = _marker_args(*marker.args, **marker.kwargs)
+        except TypeError as exc:
+            raise ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}") from None
+    item.stash[mode_key] = mode
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    if scope_key not in item.stash:
+        _begin(item)
