@@ -9,6 +9,7 @@ import pytest
 
 from ._scope import RollbackScope
 from ._settings import Settings
+from .errors import ConfigurationError
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +95,13 @@ def db_engine(request: pytest.FixtureRequest) -> Any:
     """
     db = _user_db(request)
     if db is not None:
-        return db.engine
+        try:
+            return db.engine
+        except RuntimeError as exc:
+            raise ConfigurationError(
+                f"`_db.engine` failed: {exc}. Flask-SQLAlchemy 3 needs an application context; "
+                "request a fixture that pushes one (with app.app_context(): yield) before db_engine."
+            ) from None
     return request.getfixturevalue("sa_rollback_engine")
 
 

@@ -60,3 +60,9 @@ def test_the_audit_bind_is_another_database(app, app_context) -> None:
     audit = db.session.execute(select(func.current_database()), bind_arguments={"bind": db.engines["audit"]}).scalar()
     assert main != audit
     assert audit.endswith("_audit")
+
+
+def test_db_engine_is_the_apps_engine(client, app_context, db_engine) -> None:
+    make_notebook(client, "via-engine")
+    with db_engine.connect() as conn:
+        assert conn.execute(select(Notebook.title)).scalars().all() == ["via-engine"]
