@@ -1,0 +1,104 @@
+"""``python -m benchmarks [--quick | --smoke] [--url URL] [--out DIR]``: run the benchmark, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import PLANS, URL_ENV, server_url, set_tag
+from .db import session_admin
+
+SECTIONS = ("matrix", "suites", "nodb", "provisioning")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(f"terminated by signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="A short run (under a minute)")
+    mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="A few seconds, for the tests")
+    parser.add_argument("--url", help=f"Server URL (default: ${URL_ENV} or postgresql://postgres@127.0.0.1:5432)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="Directory of the results (default: %(default)s)")
+    parser.add_argument("--tag", default="", help="Put this word into the database names (concurrent runs)")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="Run only this section (repeatable; default: all)"
+    )
+    args = parser.parse_args(argv)
+    plan = PLANS[args.mode or "full"]
+    set_tag(args.tag)
+    sections = tuple(args.only or SECTIONS)
+    begin = time.perf_counter()
+    # A plain SIGTERM would skip the finally blocks that drop the benchmark's databases.
+    signal.signal(signal.SIGTERM, _terminate)
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - begin:6.1f} s] {message}", flush=True)
+
+    # Imported here so that --help works without a database driver configured.
+    from sa_rollback._state import STATE
+
+    from . import machine, measure, provisioning, suites
+    from .report import write_all
+
+    results: dict[str, Any] = {
+        "meta": {
+            "mode": plan.mode,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "plan": dataclasses.asdict(plan),
+            "sections": list(sections),
+        }
+    }
+    progress(f"benchmark mode {plan.mode}: {', '.join(sections)}")
+    with session_admin(server_url(args.url)) as admin:
+        results["meta"]["machine"] = machine.describe(admin)
+        try:
+            if "matrix" in sections:
+                results.update(measure.run_matrix(admin, plan, progress))
+        finally:
+            # sa_rollback keeps one physical connection per database; close them before the drops.
+            STATE.close_all()
+        if "nodb" in sections:
+            core = measure.core_scope_cost(plan.core_iterations, plan.core_reps)
+            progress(f"core rollback_scope() enter + exit: {core['overhead_us']['median']:.2f} us over an empty with")
+            results["nodb"] = {
+                "pytest": suites.run_nodb_suites(plan.nodb_tests, plan.nodb_reps, progress),
+                "pytest_lean": suites.run_nodb_suites(plan.nodb_tests, plan.nodb_lean_reps, progress, suites.LEAN_ARGS),
+                "core": core,
+            }
+        if "suites" in sections:
+            results["suites"] = suites.run_suites(
+                admin,
+                plan.suite_strategies,
+                plan.suite_size,
+                plan.suite_table_count,
+                plan.suite_workers,
+                plan.suite_reps,
+                progress,
+            )
+        if "provisioning" in sections:
+            prov: dict[str, Any] = {
+                "databases": provisioning.database_costs(admin, plan.provision_sizes, plan.provision_reps, progress)
+            }
+            if plan.embedded_server:
+                prov["embedded_server"] = provisioning.embedded_server(2, progress)
+            results["provisioning"] = prov
+    results["meta"]["duration_s"] = time.perf_counter() - begin
+    for path in write_all(results, args.out):
+        progress(f"wrote {path}")
+    for target in results.get("targets", []):
+        progress(f"target {'met' if target['met'] else 'MISSED'}: {target['target']}: {target['measured']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
