@@ -14,8 +14,11 @@ from ._scope import RollbackScope, rollback_scope
 from ._state import SaRollbackWarning
 from .errors import (
     ConfigurationError,
+    ConnectionLostError,
     DatabaseSetupError,
+    DeferredConstraintError,
     InterleavedRollbackError,
+    LockTimeoutError,
     SaRollbackError,
     ScopeError,
     StaleConnectionError,
@@ -30,8 +33,11 @@ pytest_plugins = ["sa_rollback.plugin"]
 
 __all__ = [
     "ConfigurationError",
+    "ConnectionLostError",
     "DatabaseSetupError",
+    "DeferredConstraintError",
     "InterleavedRollbackError",
+    "LockTimeoutError",
     "RollbackScope",
     "SaRollbackError",
     "SaRollbackWarning",

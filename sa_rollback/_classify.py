@@ -14,6 +14,19 @@ The first costs production fidelity only when that connection then rolls back
 without having written anything else; the second costs at most one extra
 savepoint. Results are cached per statement string, since applications repeat
 their statements.
+
+Two more kinds guard the outer transaction:
+
+* ``ESCAPE``: a string of several statements, one of which ends the
+  transaction (``INSERT ...; COMMIT``), or a transaction end with options
+  sa_rollback does not know. It is refused before it runs. String literals,
+  quoted names, dollar-quoted bodies and comments are skipped when looking, so
+  ``'a; commit'`` and function bodies do not trigger it.
+* ``TXN_SETTING``: ``SET TRANSACTION ...``, ``SET SESSION CHARACTERISTICS ...``
+  and the matching ``SET transaction_*`` / ``default_transaction_*``
+  parameters. On the shared transaction they would make every connection of
+  the test read-only or change its isolation, so they are accepted and not
+  applied, like the DBAPI's per-connection isolation levels.
 """
 
 from __future__ import annotations
@@ -33,6 +46,8 @@ class Kind(Enum):
     COMMIT = "commit"
     ROLLBACK = "rollback"
     TWO_PHASE = "two_phase"
+    ESCAPE = "escape"
+    TXN_SETTING = "txn_setting"
 
 
 class Statement(NamedTuple):
@@ -59,10 +74,34 @@ _SAVEPOINT = re.compile(
 )
 _TXN = re.compile(
     r"\s*(BEGIN|START\s+TRANSACTION|COMMIT|END|ROLLBACK|ABORT)\b"
-    r"(?:\s+(?:WORK|TRANSACTION))?(?:\s+(?:ISOLATION\s+LEVEL\s+[\w\s]+?|READ\s+\w+|(?:NOT\s+)?DEFERRABLE))*"
+    r"(?:\s+(?:WORK|TRANSACTION))?"
+    r"(?:\s*,?\s*(?:ISOLATION\s+LEVEL\s+(?:SERIALIZABLE|REPEATABLE\s+READ|READ\s+COMMITTED|READ\s+UNCOMMITTED)"
+    r"|READ\s+(?:ONLY|WRITE)|(?:NOT\s+)?DEFERRABLE))*"
+    r"(?:\s+AND\s+(?:NO\s+)?CHAIN)?"
     r"\s*;?\s*\Z",
     re.IGNORECASE,
 )
+_TXN_SETTING = re.compile(
+    r"\s*SET\s+(?:(?:SESSION\s+CHARACTERISTICS\s+AS\s+)?TRANSACTION\s+(?!SNAPSHOT\b)"
+    r"|(?:SESSION\s+|LOCAL\s+)?(?:default_)?transaction_(?:isolation|read_only|deferrable)\b)",
+    re.IGNORECASE,
+)
+#: what ends a transaction when it starts a statement (ROLLBACK TO is a savepoint)
+_ENDS_TXN = re.compile(
+    r"\s*(?:COMMIT|END|ABORT|PREPARE\s+TRANSACTION|ROLLBACK(?!\s+(?:(?:WORK|TRANSACTION)\s+)?TO\b))\b",
+    re.IGNORECASE,
+)
+#: literals, quoted names and comments, which may contain anything
+_OPAQUE = re.compile(
+    r"[Ee]'(?:[^'\\]|\\.|'')*'"
+    r"|'(?:[^']|'')*'"
+    r'|"(?:[^"]|"")*"'
+    r"|--[^\n]*"
+    r"|/\*.*?\*/"
+    r"|\$((?:[A-Za-z_]\w*)?)\$.*?\$\1\$",
+    re.DOTALL,
+)
+_BEGIN_ATOMIC = re.compile(r"\bBEGIN\s+ATOMIC\b", re.IGNORECASE)
 _TWO_PHASE = re.compile(r"\s*(?:PREPARE\s+TRANSACTION|COMMIT\s+PREPARED|ROLLBACK\s+PREPARED)\b", re.IGNORECASE)
 
 _TXN_KIND = {
@@ -76,6 +115,8 @@ _TXN_KIND = {
 
 _READ = Statement(Kind.READ)
 _WRITE = Statement(Kind.WRITE)
+_ESCAPE = Statement(Kind.ESCAPE)
+_TXN_SETTING_STMT = Statement(Kind.TXN_SETTING)
 _cache: dict[str, Statement] = {}
 _CACHE_MAX = 4096
 
@@ -87,7 +128,25 @@ def normalize_name(ident: str) -> str:
     return ident.lower()
 
 
+def _ends_transaction_among_others(sql: str) -> bool:
+    """Does a string of several statements contain one that ends the transaction?"""
+    bare = _OPAQUE.sub(" ", sql)
+    statements = [part for part in bare.split(";") if part.strip()]
+    if len(statements) < 2:
+        return False
+    atomic = _BEGIN_ATOMIC.search(bare) is not None
+    for part in statements:
+        if _ENDS_TXN.match(part):
+            # The END closing a BEGIN ATOMIC function body is not a COMMIT.
+            if atomic and part.strip().upper() == "END":
+                continue
+            return True
+    return False
+
+
 def _classify(sql: str) -> Statement:
+    if ";" in sql and _ends_transaction_among_others(sql):
+        return _ESCAPE
     if _READ_START.match(sql):
         if _WRITE_WORD.search(_ROW_LOCKS.sub(" ", sql)):
             return _WRITE
@@ -106,6 +165,16 @@ def _classify(sql: str) -> Statement:
         return Statement(_TXN_KIND[m.group(1).split()[0].upper()])
     if _TWO_PHASE.match(sql):
         return Statement(Kind.TWO_PHASE)
+    if _TXN_SETTING.match(sql):
+        return _TXN_SETTING_STMT
+    bare = _OPAQUE.sub(" ", sql)
+    if _ENDS_TXN.match(bare):
+        m = _TXN.match(bare)  # a lone COMMIT with a comment, say
+        if m:
+            return Statement(_TXN_KIND[m.group(1).split()[0].upper()])
+        # A COMMIT or ROLLBACK with clauses the patterns above do not know:
+        # running it would end the outer transaction.
+        return _ESCAPE
     return _WRITE
 
 

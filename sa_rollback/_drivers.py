@@ -6,7 +6,8 @@ costs a round trip, except :meth:`Driver.execute`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import select
+from typing import Any, Callable, NamedTuple, Optional
 
 # libpq's PQtransactionStatus values; psycopg2 and psycopg 3 both report them.
 IDLE = 0
@@ -14,6 +15,9 @@ ACTIVE = 1
 INTRANS = 2
 INERROR = 3
 UNKNOWN = 4
+
+#: psycopg2.extensions.STATUS_BEGIN: psycopg2's own idea that a transaction is open
+_PSYCOPG2_STATUS_BEGIN = 2
 
 
 class DatabaseKey(NamedTuple):
@@ -64,6 +68,80 @@ class Driver:
         """Put a fresh connection into the state the outer transaction needs."""
         raise NotImplementedError
 
+    def begin_outer(self, conn: Any) -> None:
+        """Called before the first statement of a new outer transaction."""
+
+    def rollback_outer(self, conn: Any, check_deferred: bool) -> None:
+        """Roll the outer transaction back, checking deferred constraints first if asked.
+
+        The check shares the rollback's round trip. When it fails, the
+        transaction is still rolled back and the driver's error is raised.
+        """
+        if not check_deferred:
+            conn.rollback()
+            return
+        try:
+            self.execute(conn, "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+        except BaseException:
+            if not self.closed(conn):
+                conn.rollback()
+            raise
+
+    def dead(self, conn: Any) -> bool:
+        """Did the server drop this idle connection (backend terminated, restart)? No round trip.
+
+        Between statements nothing arrives unasked, except the server's goodbye
+        before it closes the socket (or a LISTEN notification, rare on this
+        connection): a readable socket means the connection is gone. Reading
+        it to make sure would race with the close.
+        """
+        try:
+            if self.closed(conn):
+                return True
+            fd = conn.fileno()
+        except Exception:
+            return True
+        try:
+            if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                return bool(poller.poll(0))
+            readable, _, _ = select.select([fd], [], [], 0)
+            return bool(readable)
+        except Exception:
+            # Cannot tell: a dead connection still fails its first statement.
+            return False
+
+    @staticmethod
+    def cancel(conn: Any) -> None:
+        """Ask the server to cancel the statement running on ``conn`` (safe from any thread)."""
+        cancel_safe = getattr(conn, "cancel_safe", None)
+        if cancel_safe is not None:
+            cancel_safe()
+        else:
+            conn.cancel()
+
+    @staticmethod
+    def backend_pid(conn: Any) -> int:
+        return int(conn.info.backend_pid)
+
+    @staticmethod
+    def constraint_name(exc: BaseException) -> Optional[str]:
+        diag = getattr(exc, "diag", None)
+        name = getattr(diag, "constraint_name", None)
+        return str(name) if name else None
+
+    def guard(self, conn: Any) -> tuple[Any, Any]:
+        """Make the pool's own (unused) connection refuse writes; returns what :meth:`unguard` restores.
+
+        Client-side settings only: they cost no round trip, and apply to the
+        next transaction the connection begins.
+        """
+        raise NotImplementedError
+
+    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
+        raise NotImplementedError
+
 
 class _Psycopg2(Driver):
     def status(self, conn: Any) -> int:
@@ -73,6 +151,28 @@ class _Psycopg2(Driver):
         if conn.get_transaction_status() != IDLE:
             conn.rollback()
         conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT", autocommit=False)
+
+    def begin_outer(self, conn: Any) -> None:
+        # After a textual ROLLBACK (rollback_outer), psycopg2 still believes it
+        # is inside a transaction and would send the next statement without
+        # BEGIN, in autocommit. Sending the BEGIN here costs the round trip
+        # psycopg2 would have spent on its own BEGIN.
+        if conn.status == _PSYCOPG2_STATUS_BEGIN and conn.get_transaction_status() == IDLE:
+            self.execute(conn, "BEGIN")
+
+    def guard(self, conn: Any) -> tuple[Any, Any]:
+        saved = (conn.autocommit, conn.readonly)
+        if saved[0]:
+            # In autocommit psycopg2 applies readonly with a SET round trip;
+            # leaving autocommit first keeps both changes client-side.
+            conn.autocommit = False
+        conn.readonly = True
+        return saved
+
+    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
+        conn.readonly = saved[1]
+        if saved[0]:
+            conn.autocommit = True
 
 
 class _Psycopg3(Driver):
@@ -86,6 +186,19 @@ class _Psycopg3(Driver):
         conn.isolation_level = None
         conn.read_only = None
         conn.deferrable = None
+
+    def guard(self, conn: Any) -> tuple[Any, Any]:
+        saved = (conn.autocommit, conn.read_only)
+        if saved[0]:
+            # read_only does not apply in autocommit mode.
+            conn.autocommit = False
+        conn.read_only = True
+        return saved
+
+    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
+        conn.read_only = saved[1]
+        if saved[0]:
+            conn.autocommit = True
 
 
 def _run_psycopg2(conn: Any, sql: str) -> None:

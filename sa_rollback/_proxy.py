@@ -7,14 +7,19 @@ the physical connection or cursor, so driver-specific attributes keep working.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ._classify import Kind, classify
-from ._drivers import IDLE
+from ._classify import Kind, Statement, classify
+from ._drivers import IDLE, INERROR, Driver
 from ._state import STATE
 from ._transaction import Logical, Physical
-from .errors import UnsupportedOperationError
+from .errors import TransactionEscapeError, UnsupportedOperationError, caller_location
+
+if TYPE_CHECKING:
+    from ._scope import RollbackScope
 
 
 def _sql_text(query: Any, cursor: Any) -> str:
@@ -31,21 +36,50 @@ def _sql_text(query: Any, cursor: Any) -> str:
     return str(query)
 
 
+class _Transaction:
+    """What psycopg 3's ``transaction()`` block yields."""
+
+    def __init__(self, connection: LogicalConnection, savepoint_name: Optional[str]):
+        self.connection = connection
+        self.savepoint_name = savepoint_name
+
+
+def _characteristic(name: str) -> Callable[[LogicalConnection], Any]:
+    def get(self: LogicalConnection) -> Any:
+        return self._settings.get(name)
+
+    return get
+
+
+def _set_characteristic(name: str) -> Callable[[LogicalConnection, Any], None]:
+    def set_(self: LogicalConnection, value: Any) -> None:
+        self._settings[name] = value
+
+    return set_
+
+
 class LogicalConnection(Logical):
     """A pool checkout inside a rollback scope: a DBAPI connection with its own transaction."""
 
-    __slots__ = ("_settings",)
+    __slots__ = ("_guard", "_settings")
 
-    def __init__(self, phys: Physical, number: int, autocommit: bool):
+    def __init__(self, phys: Physical, number: int, autocommit: bool, guard: Optional[PoolConnectionGuard] = None):
         super().__init__(phys, number, autocommit)
         self._settings: dict[str, Any] = {}
+        #: the pool's own connection, which this one stands in for
+        self._guard = guard
 
     # -- the DBAPI ------------------------------------------------------------
 
     def cursor(self, *args: Any, **kwargs: Any) -> LogicalCursor:
         if self._ended:
             raise self._closed_error()
-        return LogicalCursor(self, self._phys.conn.cursor(*args, **kwargs))
+        phys = self._phys
+        if phys.broken:
+            # Fail at execute, with the statement, rather than here, where
+            # SQLAlchemy would wrap the error in a StatementError.
+            return LogicalCursor(self, _DeadCursor(phys))
+        return LogicalCursor(self, phys.conn.cursor(*args, **kwargs))
 
     def commit(self) -> None:
         self._commit()
@@ -55,6 +89,12 @@ class LogicalConnection(Logical):
 
     def close(self) -> None:
         STATE.report(self._returned())
+        guard = self._guard
+        if guard is not None and guard.detached:
+            # A detached connection owns its pool connection in production,
+            # and closing it closes that.
+            self._guard = None
+            guard.close()
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
         """psycopg 3's ``Connection.execute`` shortcut."""
@@ -79,10 +119,67 @@ class LogicalConnection(Logical):
         self._autocommit = value
         self._explicit_block = False
 
-    def set_isolation_level(self, level: int) -> None:
-        """psycopg2: level 0 is autocommit; other levels are recorded, not applied."""
-        self._set_autocommit(level == 0)
+    def set_isolation_level(self, level: Any) -> None:
+        """Recorded, not applied. psycopg2's level 0 means autocommit."""
+        if self._phys.driver.name == "psycopg2":
+            self._set_autocommit(level == 0)
         self._settings["isolation_level"] = level
+
+    # psycopg 3's method forms of the attributes
+    def set_autocommit(self, value: bool) -> None:
+        self._set_autocommit(bool(value))
+
+    def set_read_only(self, value: Any) -> None:
+        self._settings["read_only"] = value
+
+    def set_deferrable(self, value: Any) -> None:
+        self._settings["deferrable"] = value
+
+    def reset(self) -> None:
+        """psycopg2's ``reset()``: end the transaction; on the physical it would end the test's."""
+        self._rollback()
+        self._settings.clear()
+
+    @contextmanager
+    def transaction(self, savepoint_name: Optional[str] = None, force_rollback: bool = False) -> Iterator[Any]:
+        """psycopg 3's ``transaction()`` block, on this logical connection.
+
+        On the physical connection it would take savepoints behind
+        sa_rollback's back, and its rollback would undo other connections'
+        work.
+        """
+        in_txn = self._txn is not None and (self._explicit_block or not self._autocommit)
+        if in_txn or savepoint_name is not None:
+            name = savepoint_name or f"_pg3_{self._phys.next_id()}"
+            self.execute(f"SAVEPOINT {name}")
+            try:
+                yield _Transaction(self, name)
+            except BaseException:
+                self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self.execute(f"RELEASE SAVEPOINT {name}")
+                raise
+            if force_rollback:
+                self.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            self.execute(f"RELEASE SAVEPOINT {name}")
+            return
+        if self._autocommit:
+            self.execute("BEGIN")
+        try:
+            yield _Transaction(self, None)
+        except BaseException:
+            self.rollback()
+            raise
+        if force_rollback:
+            self.rollback()
+        else:
+            self.commit()
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedOperationError(
+            "psycopg's pipeline mode cannot run on the connection a test shares: sa_rollback must see each "
+            "statement's outcome before the next one. Run the statements one by one, or mark the test to run "
+            "with real commits."
+        )
 
     def set_session(
         self,
@@ -113,22 +210,18 @@ class LogicalConnection(Logical):
         else:
             self.rollback()
 
-    def __getattr__(self, name: str) -> Any:
-        # isolation_level, read_only, readonly, deferrable: a shared transaction
-        # has one set of characteristics, so per-connection values are kept
-        # for the application to read back, and not applied.
-        settings = self._settings
-        if name in settings:
-            return settings[name]
-        if name in _CHARACTERISTICS:
-            return None
-        return getattr(self._phys.conn, name)
+    # isolation_level, read_only, readonly, deferrable: a shared transaction
+    # has one set of characteristics, so per-connection values are kept for
+    # the application to read back, and not applied. Properties rather than a
+    # __setattr__ override, which would slow down every attribute the
+    # statement path sets.
+    isolation_level = property(_characteristic("isolation_level"), _set_characteristic("isolation_level"))
+    read_only = property(_characteristic("read_only"), _set_characteristic("read_only"))
+    readonly = property(_characteristic("readonly"), _set_characteristic("readonly"))
+    deferrable = property(_characteristic("deferrable"), _set_characteristic("deferrable"))
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _CHARACTERISTICS:
-            self._settings[name] = value
-        else:
-            object.__setattr__(self, name, value)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._phys.conn, name)
 
     # -- statement dispatch -----------------------------------------------------
 
@@ -146,14 +239,23 @@ class LogicalConnection(Logical):
         stmt = classify(sql)
         kind = stmt.kind
         phys = self._phys
-        with phys.lock:
-            frame = self._prepare(STATE.top)
+        top = STATE.top
+        lock = phys.lock
+        timeout = STATE.lock_timeout if top is None else top.lock_timeout
+        if phys.stuck is not None:
+            timeout = phys.wait_for(timeout)
+        if not lock.acquire(True, timeout):
+            raise phys.lock_timeout_error(timeout, "to run a statement")
+        phys.stuck = None
+        try:
             if kind is Kind.READ or kind is Kind.WRITE or write is not None:
-                is_write = kind is not Kind.READ if write is None else write
+                frame = self._prepare(top)
+                if phys.streaming:
+                    raise phys.busy_error(self)
                 auto = self._autocommit and not self._explicit_block
-                if phys.aborted_by is not self:
-                    self._ensure_undo(frame)
                 try:
+                    if phys.aborted_by is not self:
+                        self._ensure_undo(frame)
                     result = fn(query, *args, **kwargs)
                 except BaseException:
                     self._failed()
@@ -164,12 +266,57 @@ class LogicalConnection(Logical):
                     error = phys.escaped(sql, self)
                     STATE.report(error)
                     raise error
-                if is_write:
+                if write is None:
+                    if kind is not Kind.READ:
+                        self._wrote(frame, sql)
+                elif write:
                     self._wrote(frame, sql)
                 if auto:
                     self._end_txn()
                 return result
-            aborted = phys.aborted_by is self
+            return self._control(cursor, fn, query, args, kwargs, sql, stmt, top)
+        finally:
+            lock.release()
+
+    def _control(
+        self,
+        cursor: Any,
+        fn: Callable[..., Any],
+        query: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        sql: str,
+        stmt: Statement,
+        top: Optional[RollbackScope],
+    ) -> Any:
+        """Statements that control the transaction, emulated per logical connection."""
+        kind = stmt.kind
+        if kind is Kind.COMMIT:
+            self._commit()
+            return None
+        if kind is Kind.ROLLBACK:
+            self._rollback()
+            return None
+        if kind is Kind.ESCAPE:
+            error = TransactionEscapeError(
+                f"{sql[:200]!r} on {self.describe()} ends the transaction in the middle of a "
+                f"multi-statement string ({caller_location()}). Inside a test that would commit or "
+                "discard everything the test wrote so far, for every connection; it was not run. "
+                "Run the statements one by one and end the transaction with connection.commit() / "
+                "session.commit(), or a lone COMMIT."
+            )
+            STATE.report(error)
+            raise error
+        if kind is Kind.TWO_PHASE:
+            raise UnsupportedOperationError(
+                f"{sql!r}: two-phase commit cannot run inside a rolled-back test transaction."
+            )
+        phys = self._phys
+        frame = self._prepare(top, control=kind is Kind.ROLLBACK_TO)
+        if phys.streaming:
+            raise phys.busy_error(self)
+        aborted = phys.aborted_by is self
+        try:
             if kind is Kind.SAVEPOINT and not aborted:
                 self._user_savepoint(frame, stmt.name)
                 return None
@@ -181,26 +328,39 @@ class LogicalConnection(Logical):
                 if self._autocommit:
                     self._explicit_block = True
                 return None
-            if kind is Kind.COMMIT:
-                self._commit()
+            if kind is Kind.TXN_SETTING:
+                # One shared transaction has one set of characteristics; making
+                # it read-only or serializable would change every connection.
                 return None
-            if kind is Kind.ROLLBACK:
-                self._rollback()
-                return None
-            if kind is Kind.TWO_PHASE:
-                raise UnsupportedOperationError(
-                    f"{sql!r}: two-phase commit cannot run inside a rolled-back test transaction."
-                )
             # An unknown savepoint name, or a savepoint statement in an aborted
             # transaction: PostgreSQL gives the production error.
-            try:
-                return fn(query, *args, **kwargs)
-            except BaseException:
-                self._failed()
-                raise
+            return fn(query, *args, **kwargs)
+        except BaseException:
+            self._failed()
+            raise
 
 
-_CHARACTERISTICS = frozenset({"isolation_level", "read_only", "readonly", "deferrable"})
+def _held_rows(conn: LogicalConnection, rows: Iterator[Any]) -> Iterator[Any]:
+    # psycopg holds its connection lock from the first row to the last: hold
+    # ours as long, so that other threads wait for it with a timeout.
+    with conn._phys.held(conn):
+        yield from rows
+
+
+class _DeadCursor:
+    """Stands in for a cursor of a physical connection that died."""
+
+    def __init__(self, phys: Physical):
+        self._phys = phys
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise self._phys.lost_error()
+
+        return fail
 
 
 class LogicalCursor:
@@ -253,16 +413,21 @@ class LogicalCursor:
         )
 
     # psycopg 3's COPY and streaming
-    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+    @contextmanager
+    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
         cursor = self._cursor
+        conn = self._conn
         reads = " TO " in _sql_text(statement, cursor).upper()
-        # The COPY itself runs when the returned context manager is entered;
-        # the undo point is taken now, which is what matters.
-        return self._conn._run(cursor, cursor.copy, statement, (params,), kwargs, not reads)
+        # psycopg holds its connection lock for the whole block; hold ours as
+        # long, so that other threads wait for it with a timeout.
+        manager = conn._run(cursor, cursor.copy, statement, (params,), kwargs, not reads)
+        with conn._phys.held(conn), manager as copy:
+            yield copy
 
-    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+    def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
         cursor = self._cursor
-        return self._conn._run(cursor, cursor.stream, query, (params,), kwargs, None)
+        conn = self._conn
+        return _held_rows(conn, conn._run(cursor, cursor.stream, query, (params,), kwargs, None))
 
     def close(self) -> None:
         self._cursor.close()
@@ -281,3 +446,74 @@ class LogicalCursor:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._cursor, name, value)
+
+
+class PoolConnectionGuard:
+    """The pool's own connection while a logical connection stands in for it.
+
+    It stays checked out, unused, and is what ``driver_connection`` returns.
+    It is not part of the test's transaction, so it is made read-only for the
+    time (client-side settings, no round trip): nothing can be committed
+    through it. When the pool takes it back, a transaction left open on it
+    means the application used it, and the test fails with
+    :class:`TransactionEscapeError`. Several checkouts may share one pool
+    connection (``StaticPool``); the last one to return restores it.
+    """
+
+    __slots__ = ("checkouts", "count", "detached", "driver", "real", "saved")
+
+    def __init__(self, real: Any, driver: Driver):
+        self.real = real
+        self.driver = driver
+        self.count = 0
+        self.detached = False
+        #: (weak reference to the pool's checkout proxy, the logical connection in it)
+        self.checkouts: list[tuple[weakref.ref[Any], LogicalConnection]] = []
+        self.saved: Optional[tuple[Any, Any]] = None
+        try:
+            if driver.status(real) != IDLE:
+                # pool_pre_ping's SELECT 1 leaves a transaction open; the pool
+                # would roll it back at check-in.
+                real.rollback()
+            self.saved = driver.guard(real)
+        except Exception:
+            # A dead pool connection: nothing can go through it anyway.
+            pass
+
+    def release(self) -> Optional[TransactionEscapeError]:
+        """Give the connection back in the state it was lent in; describe any use of it."""
+        real = self.real
+        driver = self.driver
+        try:
+            if driver.closed(real):
+                return None
+            status = driver.status(real)
+            error = None
+            if status != IDLE:
+                failed = status == INERROR
+                error = TransactionEscapeError(
+                    "A statement ran on the pool's own connection, which "
+                    "`driver_connection` (engine.raw_connection().driver_connection, "
+                    "connection.connection.driver_connection) returns inside a test"
+                    + (" and failed" if failed else "")
+                    + f"; it was returned to the pool at {caller_location()}. That connection is not part "
+                    "of the test's transaction: it sees only committed data, and sa_rollback keeps it "
+                    "read-only during a test so that nothing is committed through it"
+                    + (" (a write there fails with 'read-only transaction')" if failed else "")
+                    + ". Use the DBAPI connection instead (connection.connection.dbapi_connection, or the "
+                    "raw connection itself), which joins the test's transaction."
+                )
+                real.rollback()
+            if self.saved is not None:
+                driver.unguard(real, self.saved)
+                self.saved = None
+            return error
+        except Exception:
+            # A broken connection: the pool finds out on its own.
+            return None
+
+    def close(self) -> None:
+        try:
+            self.real.close()
+        except Exception:
+            pass

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from types import TracebackType
 from typing import TYPE_CHECKING, Optional
 
 from ._listeners import install
 from ._state import STATE
-from .errors import SaRollbackError
+from .errors import ConfigurationError, SaRollbackError
 
 if TYPE_CHECKING:
     from ._transaction import Physical
+
+
+def _check_timeout(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+        raise ConfigurationError(
+            f"lock_timeout must be a positive number of seconds, not {value!r}; use math.inf to wait forever."
+        )
+    # threading.Lock.acquire: -1 waits forever; larger values overflow
+    return -1.0 if math.isinf(value) else float(value)
 
 
 class RollbackScope:
@@ -26,13 +36,33 @@ class RollbackScope:
     and the first is raised at exit, unless another exception is already
     propagating.
 
+    ``lock_timeout``: threads of the test share one connection per database,
+    one statement at a time. A thread that waits longer than this many seconds
+    for it fails with :class:`~sa_rollback.LockTimeoutError`, which names the
+    thread that held it and shows where both were. Defaults to
+    ``STATE.lock_timeout`` (30 s).
+
+    ``check_deferred``: before rolling back, a scope that wrote runs ``SET
+    CONSTRAINTS ALL IMMEDIATE``, in the same round trip, so that a deferred
+    constraint the test violates fails the scope with
+    :class:`~sa_rollback.DeferredConstraintError`, as the COMMIT would in
+    production.
+
     >>> with RollbackScope():
     ...     with engine.begin() as conn:
     ...         conn.execute(users.insert().values(name="x"))
     """
 
-    def __init__(self, label: str = "rollback scope") -> None:
+    def __init__(
+        self,
+        label: str = "rollback scope",
+        *,
+        lock_timeout: Optional[float] = None,
+        check_deferred: bool = True,
+    ) -> None:
         self.label = label
+        self.lock_timeout = _check_timeout(STATE.lock_timeout if lock_timeout is None else lock_timeout)
+        self.check_deferred = check_deferred
         #: errors recorded during the scope, raised at exit
         self.errors: list[SaRollbackError] = []
         self._physicals: list[Physical] = []
@@ -71,18 +101,29 @@ class RollbackScope:
         self.close(raise_errors=exc is None)
 
     def close(self, raise_errors: bool = True) -> None:
-        """Roll back and leave the scope (what ``__exit__`` does)."""
+        """Roll back and leave the scope (what ``__exit__`` does).
+
+        Every database is rolled back even when one of them fails. A connection
+        that died, or whose state is unknown, is dropped; the next scope
+        connects again.
+        """
         if not self._open:
             return
         STATE.pop(self)
         self._open = False
         failures: list[BaseException] = []
-        for phys in reversed(self._physicals):
+        physicals, self._physicals = self._physicals, []
+        # An interrupt (KeyboardInterrupt) in here leaves frames behind; the
+        # next scope to use those connections rolls them back.
+        for phys in reversed(physicals):
             try:
                 phys.close_frame(self)
-            except Exception as exc:  # the connection died: the next scope reconnects
+            except Exception as exc:
                 failures.append(exc)
-        self._physicals.clear()
+            finally:
+                if phys.broken and not phys.frames:
+                    # Outer scopes still on it keep it, so that they fail too.
+                    STATE.discard(phys)
         if raise_errors:
             if self.errors:
                 raise self.errors[0]
@@ -90,6 +131,11 @@ class RollbackScope:
                 raise failures[0]
 
 
-def rollback_scope(label: str = "rollback scope") -> RollbackScope:
+def rollback_scope(
+    label: str = "rollback scope",
+    *,
+    lock_timeout: Optional[float] = None,
+    check_deferred: bool = True,
+) -> RollbackScope:
     """Open a :class:`RollbackScope`: ``with rollback_scope(): ...``."""
-    return RollbackScope(label)
+    return RollbackScope(label, lock_timeout=lock_timeout, check_deferred=check_deferred)

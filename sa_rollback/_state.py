@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
 
-from ._drivers import DatabaseKey, driver_for
+from ._drivers import DatabaseKey, Driver, driver_for
 from ._transaction import Physical
 from .errors import SaRollbackError, ScopeError
 
@@ -21,14 +21,24 @@ if TYPE_CHECKING:
     from ._scope import RollbackScope
 
 
+#: key, in a pool record's info dict, of (its DBAPI connection, driver, database key)
+_KEY_INFO = "sa_rollback.key"
+
+
 class SaRollbackWarning(UserWarning):
     """Something sa_rollback cannot isolate, or a setting it ignores."""
+
+
+#: seconds a thread waits for a database's shared connection before giving up
+DEFAULT_LOCK_TIMEOUT = 30.0
 
 
 class State:
     def __init__(self) -> None:
         #: the innermost open scope, or None
         self.top: Optional[RollbackScope] = None
+        #: the lock timeout of scopes that do not set one (the plugin sets it from its settings)
+        self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         self.scopes: list[RollbackScope] = []
         self.physicals: dict[DatabaseKey, Physical] = {}
         self._lock = threading.Lock()
@@ -77,8 +87,26 @@ class State:
             self._warned.add(key)
             warnings.warn(message, SaRollbackWarning, stacklevel=3)
 
-    def physical_for(self, dbapi_connection: Any, pool: Any) -> Optional[Physical]:
-        """The shared connection that a checkout from ``pool`` joins, created on first use."""
+    def physical_for(
+        self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None
+    ) -> Optional[Physical]:
+        """The shared connection that a checkout from ``pool`` joins, created on first use.
+
+        ``info`` is the pool record's info dict; the driver and key of its
+        connection are kept there, since reading them costs a few microseconds.
+        """
+        cached = info.get(_KEY_INFO) if info is not None else None
+        if cached is not None and cached[0] is dbapi_connection:
+            driver, key = cached[1], cached[2]
+        else:
+            driver, key = self._identify(dbapi_connection, pool)
+            if driver is None or key is None:
+                return None
+            if info is not None:
+                info[_KEY_INFO] = (dbapi_connection, driver, key)
+        return self._physical(key, driver, dbapi_connection, pool)
+
+    def _identify(self, dbapi_connection: Any, pool: Any) -> tuple[Optional[Driver], Optional[DatabaseKey]]:
         driver = driver_for(dbapi_connection)
         if driver is None:
             dialect = getattr(pool, "_dialect", None)
@@ -89,15 +117,21 @@ class State:
                 "through psycopg2 or psycopg (3), synchronous engines, is supported. Writes "
                 "through it are real and outlive the test.",
             )
-            return None
-        key = driver.key(dbapi_connection)
+            return None, None
+        return driver, driver.key(dbapi_connection)
+
+    def _physical(self, key: DatabaseKey, driver: Driver, dbapi_connection: Any, pool: Any) -> Optional[Physical]:
         phys = self.physicals.get(key)
-        if phys is not None and not phys.broken and not driver.closed(phys.conn):
+        if phys is not None and phys.usable():
             return phys
         with self._lock:
             phys = self.physicals.get(key)
-            if phys is not None and not phys.broken and not driver.closed(phys.conn):
+            if phys is not None and phys.usable():
                 return phys
+            if phys is not None:
+                # It died; whatever it held is gone. Start over on a new one.
+                del self.physicals[key]
+                phys.close()
             from sqlalchemy.pool.base import _ConnectionRecord
 
             # A record of the application's own pool gives a connection set up
@@ -109,6 +143,13 @@ class State:
             phys = Physical(key, driver, conn, record)
             self.physicals[key] = phys
             return phys
+
+    def discard(self, phys: Physical) -> None:
+        """Forget a physical connection that died or cannot be trusted; the next checkout makes a new one."""
+        with self._lock:
+            if self.physicals.get(phys.key) is phys:
+                del self.physicals[phys.key]
+        phys.close()
 
     def close_all(self) -> None:
         """Close every physical connection (end of the run, or before dropping a database)."""

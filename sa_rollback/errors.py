@@ -6,6 +6,9 @@ Every message says what happened and what to change. All of them derive from
 
 from __future__ import annotations
 
+import sys
+from typing import Optional
+
 
 class SaRollbackError(Exception):
     """Base class of every error raised by sa_rollback."""
@@ -46,3 +49,47 @@ class ConfigurationError(SaRollbackError):
 
 class DatabaseSetupError(SaRollbackError):
     """The test database could not be provided."""
+
+
+class LockTimeoutError(SaRollbackError):
+    """A thread waited too long for the shared connection of a database.
+
+    Every statement of a test runs on one physical connection per database, one
+    statement at a time. The message names the thread that held the connection
+    and shows where each thread was.
+    """
+
+
+class ConnectionLostError(SaRollbackError):
+    """The physical connection of a test died (backend terminated, server restarted).
+
+    Everything the test wrote on it is gone; the next rollback scope connects afresh.
+    """
+
+
+class DeferredConstraintError(SaRollbackError):
+    """A deferred constraint is violated when the rollback scope ends.
+
+    In production the ``COMMIT`` would have failed. :attr:`constraint` names the
+    constraint when the server reported it.
+    """
+
+    def __init__(self, message: str, constraint: Optional[str] = None):
+        super().__init__(message)
+        self.constraint = constraint
+
+
+#: modules whose frames are never "the application's code" in an error message
+_INTERNAL = ("sa_rollback.", "sqlalchemy.", "psycopg.", "psycopg2.", "contextlib", "threading", "concurrent.")
+
+
+def caller_location() -> str:
+    """``file:line in function`` of the innermost caller outside sa_rollback, SQLAlchemy and the drivers."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith(_INTERNAL) and module != "sa_rollback":
+            code = frame.f_code
+            return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}()"
+        frame = frame.f_back  # type: ignore[assignment]
+    return "(location unknown)"

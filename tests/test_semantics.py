@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import sa_rollback
 from sa_rollback._state import STATE
 
-from .conftest import DB_B, driver_url
+from .conftest import DB_A, DB_B, driver_url
 
 ITEMS = sa.table("items", sa.column("id"), sa.column("name"), sa.column("qty"))
 
@@ -99,7 +99,7 @@ def test_many_commit_cycles_keep_the_savepoint_stack_short(engine: sa.Engine) ->
                 add(session, f"n{i}")
                 session.commit()
                 assert len(names(session)) == i + 1
-        (phys,) = [p for p in STATE.physicals.values() if p.key.driver == engine.dialect.driver]
+        (phys,) = [p for p in STATE.physicals.values() if (p.key.driver, p.key.dbname) == (engine.dialect.driver, DB_A)]
         assert len(phys.stack) <= 2
 
 
@@ -346,13 +346,14 @@ def test_lone_textual_commit_is_a_logical_commit(engine: sa.Engine) -> None:
             assert names(conn) == ["t"]
 
 
-def test_textual_commit_inside_multi_statement_fails_loudly(engine: sa.Engine, outside) -> None:
+def test_textual_commit_inside_multi_statement_is_refused(engine: sa.Engine, outside) -> None:
     scope = sa_rollback.RollbackScope()
-    with pytest.raises(sa_rollback.TransactionEscapeError, match="ended the test's transaction"):
+    with pytest.raises(sa_rollback.TransactionEscapeError, match=r"multi-statement string .*test_semantics.py"):
         with scope:
             with engine.connect() as conn:
+                add(conn, "before")
                 conn.exec_driver_sql("INSERT INTO items (name) VALUES ('escaped'); COMMIT")
-    assert outside("DELETE FROM items RETURNING name") == [("escaped",)]  # committed for real, and said so
+    assert outside("SELECT count(*) FROM items") == [(0,)]  # refused before it ran: nothing committed
 
 
 # misc: autocommit, threads, nested scopes ---------------------------------------------
@@ -412,3 +413,95 @@ def test_connection_kept_across_scopes_is_refused(engine: sa.Engine) -> None:
         add(kept, "z")  # after the rollback it works again, in the new scope
         assert names(kept) == ["z"]
         kept.close()
+
+
+# regressions found by tests/test_model.py --------------------------------------------
+
+
+def test_rollback_after_a_failure_and_a_foreign_rollback_undoes_own_writes(engine: sa.Engine) -> None:
+    """The undo point moved past a connection's own write when another one wrote; once that other
+    write was rolled back, the first connection's rollback kept its write instead of undoing it."""
+    with sa_rollback.rollback_scope():
+        a, b = engine.connect(), engine.connect()
+        add(a, "a-write")
+        add(b, "b-write")
+        with pytest.raises(sa.exc.IntegrityError):
+            add(a, "a-write")  # a's transaction is aborted
+        b.rollback()
+        a.rollback()
+        assert names(b) == []
+        a.close()
+        b.close()
+
+
+def test_rollback_to_savepoint_after_another_connection_needed_the_transaction(engine: sa.Engine) -> None:
+    """After a failed statement inside begin_nested(), another connection ran a statement; rolling
+    back to the savepoint then failed with 'current transaction is aborted'."""
+    with sa_rollback.rollback_scope():
+        with engine.connect() as a, engine.connect() as b:
+            add(a, "kept")
+            nested = a.begin_nested()
+            add(a, "dropped")
+            with pytest.raises(sa.exc.IntegrityError):
+                add(a, "kept")
+            assert names(b) == ["kept"]  # the failed savepoint's work is gone for everyone
+            nested.rollback()  # production: fine
+            assert names(a) == ["kept"]
+            add(a, "after")
+            a.commit()
+            assert names(b) == ["after", "kept"]
+
+
+def test_failed_savepoint_work_is_dropped_before_another_connection_writes(engine: sa.Engine) -> None:
+    """Recovery rolled back only to the newest savepoint (another connection's), so the failed
+    connection's writes stayed under the other's, and its rollback to its savepoint was refused."""
+    with sa_rollback.rollback_scope():
+        with engine.connect() as a, engine.connect() as b:
+            nested = a.begin_nested()
+            add(a, "doomed")
+            assert names(b) == ["doomed"]  # b takes a savepoint after a's write
+            with pytest.raises(sa.exc.IntegrityError):
+                add(a, "doomed")
+            add(b, "b-write")
+            nested.rollback()  # production: undoes "doomed", keeps b's write
+            assert names(a) == ["b-write"]
+            b.commit()
+            a.rollback()
+            assert names(a) == ["b-write"]
+            b.rollback()
+
+
+def test_rollback_to_savepoint_after_foreign_write_then_own_write(engine: sa.Engine) -> None:
+    """A rollback to a savepoint was refused whenever another transaction wrote after the
+    savepoint, even when everything this connection wrote since came after that write."""
+    with sa_rollback.rollback_scope():
+        with engine.connect() as a, engine.connect() as b:
+            add(a, "before")
+            nested = a.begin_nested()
+            add(b, "foreign")
+            add(a, "mine")
+            nested.rollback()
+            assert names(a) == ["before", "foreign"]
+            b.commit()
+            a.commit()
+        with engine.connect() as conn:
+            assert names(conn) == ["before", "foreign"]
+
+
+def test_rollback_to_savepoint_after_recovery_keeps_older_writes(engine: sa.Engine) -> None:
+    """After recovery rolled a failed connection back to one of its undo points, its latest write
+    was only known as an upper bound, which made its rollback to a savepoint look interleaved."""
+    with sa_rollback.rollback_scope():
+        with engine.connect() as a, engine.connect() as b:
+            add(a, "a1")
+            nested = a.begin_nested()
+            add(b, "b1")
+            add(a, "a2")
+            with pytest.raises(sa.exc.IntegrityError):
+                add(a, "a2")
+            add(b, "b2")
+            nested.rollback()
+            assert names(a) == ["a1", "b1", "b2"]
+            b.commit()
+            with pytest.raises(sa_rollback.InterleavedRollbackError):
+                a.rollback()  # a1 came before b1: production undoes only a1, one transaction cannot
