@@ -23,7 +23,7 @@ class Option:
     ini: str
     env: str
     help: str
-    kind: str = "string"  # "string" or "bool"
+    kind: str = "string"  # "string", "bool" or "float"
     default: Any = None
 
 
@@ -75,6 +75,25 @@ OPTIONS: tuple[Option, ...] = (
         "Name of an environment variable to set to the test database URL (for apps that read DATABASE_URL at import)",
     ),
     Option(
+        "lock_timeout",
+        "--sa-lock-timeout",
+        "sa_rollback_lock_timeout",
+        "SA_ROLLBACK_LOCK_TIMEOUT",
+        "Seconds a thread waits for a database's shared connection before the test fails with both "
+        "threads' stacks; 'inf' waits forever",
+        kind="float",
+        default=30.0,
+    ),
+    Option(
+        "check_deferred",
+        "--sa-check-deferred",
+        "sa_rollback_check_deferred",
+        "SA_ROLLBACK_CHECK_DEFERRED",
+        "Check deferred constraints (SET CONSTRAINTS ALL IMMEDIATE) before each test's rollback",
+        kind="bool",
+        default=True,
+    ),
+    Option(
         "server_dir",
         "--sa-server-dir",
         "sa_rollback_server_dir",
@@ -94,6 +113,8 @@ class Settings:
     schema: Optional[str] = None
     rebuild: bool = False
     export_env: Optional[str] = None
+    lock_timeout: float = 30.0
+    check_deferred: bool = True
     server_dir: Path = Path(_default_cache_dir())
 
 
@@ -108,6 +129,16 @@ def _to_bool(option: Option, value: str, source: str) -> bool:
     if lowered in _FALSE:
         return False
     raise ConfigurationError(f"{source} is {value!r}; {option.field} takes one of: on, off, true, false, 1, 0.")
+
+
+def _to_seconds(option: Option, value: str, source: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:  # also rejects nan
+        raise ConfigurationError(f"{source} is {value!r}; {option.field} takes a positive number of seconds or 'inf'.")
+    return seconds
 
 
 def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], env: Optional[dict[str, str]] = None) -> Settings:
@@ -130,6 +161,8 @@ def resolve(cli: Callable[[str], Any], ini: Callable[[str], Any], env: Optional[
             values[option.field] = option.default
         elif option.kind == "bool":
             values[option.field] = raw if isinstance(raw, bool) else _to_bool(option, str(raw), source)
+        elif option.kind == "float":
+            values[option.field] = _to_seconds(option, str(raw), source)
         else:
             values[option.field] = str(raw).strip()
     values["server_dir"] = Path(values["server_dir"]).expanduser()

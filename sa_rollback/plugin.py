@@ -168,6 +168,7 @@ def pytest_configure(config: pytest.Config) -> None:
             ),
             stacklevel=2,
         )
+    STATE.lock_timeout = settings.lock_timeout
     if settings.enabled:
         from ._listeners import install
         from .databases import POOLS
@@ -234,9 +235,20 @@ def _begin(item: pytest.Item) -> None:
     if real_commits:
         item.addfinalizer(_snapshot_all(item))
         return
-    scope = RollbackScope(item.nodeid).__enter__()
+    settings = item.config.stash[settings_key]
+    scope = RollbackScope(item.nodeid, check_deferred=settings.check_deferred).__enter__()
     item.stash[scope_key] = scope
     item.addfinalizer(scope.close)
+
+
+def _check_restorable(item: pytest.Item) -> None:
+    provisioned = item.config.stash[databases_key].get()
+    if not provisioned.owned():
+        raise ConfigurationError(
+            "@pytest.mark.sa_rollback(real_commits=True) restores a database sa_rollback created, but "
+            f"this run uses {provisioned.database!r} as it is. Set --sa-schema (for example 'existing') "
+            "so that the tests run on a clone."
+        )
 
 
 def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
@@ -245,12 +257,6 @@ def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
 
     databases = item.config.stash[databases_key]
     provisioned = databases.get()
-    if not provisioned.owned():
-        raise ConfigurationError(
-            "@pytest.mark.sa_rollback(real_commits=True) restores a database sa_rollback created, but "
-            f"this run uses {provisioned.database!r} as it is. Set --sa-schema (for example 'existing') "
-            "so that the tests run on a clone."
-        )
     snapshots = [(name, take_snapshot(provisioned.server, name, databases.run_id)) for name in provisioned.owned()]
 
     def restore() -> None:
@@ -293,6 +299,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         except TypeError as exc:
             raise ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}") from None
     item.stash[mode_key] = mode
+    if mode[0] and mode[1]:
+        _check_restorable(item)
 
 
 @pytest.hookimpl(tryfirst=True)
