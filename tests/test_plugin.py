@@ -223,3 +223,41 @@ def test_fixture_docs_are_shown(pytester: pytest.Pytester) -> None:
         ]
     )
     assert DB_A  # the inner runs use the suite's own database
+
+
+DEFERRED_TEST = """
+import sqlalchemy as sa
+from helpers import ENGINE
+
+def test_violates_a_deferred_constraint():
+    with ENGINE.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE parent (id int PRIMARY KEY)"))
+        conn.execute(sa.text(
+            "CREATE TABLE child (parent_id int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)"
+        ))
+        conn.execute(sa.text("INSERT INTO child VALUES (42)"))  # fine until COMMIT in production
+"""
+
+
+@pytest.mark.parametrize("check", ["default", "off"])
+def test_deferred_constraints_are_checked_unless_switched_off(pytester: pytest.Pytester, check: str) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(helpers=COMMON, test_deferred=DEFERRED_TEST)
+    args = ["-p", "no:cacheprovider"] + (["--sa-check-deferred=off"] if check == "off" else [])
+    result = pytester.runpytest_subprocess(*args)
+    if check == "off":
+        result.assert_outcomes(passed=1)
+    else:
+        result.assert_outcomes(passed=1, errors=1)
+        result.stdout.fnmatch_lines(["*DeferredConstraintError*"])
+
+
+def test_lock_timeout_setting_is_validated(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    monkeypatch.setenv("SA_ROLLBACK_LOCK_TIMEOUT", "soon")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*SA_ROLLBACK_LOCK_TIMEOUT is 'soon'; lock_timeout takes a positive number*"])
+    monkeypatch.setenv("SA_ROLLBACK_LOCK_TIMEOUT", "inf")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
