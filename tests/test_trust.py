@@ -161,9 +161,8 @@ def test_transaction_characteristics_do_not_leak_to_other_connections(engine: sa
             assert names(conn) == ["still-writable"]
 
 
+@pytest.mark.parametrize("driver", ["psycopg"])  # Connection.transaction() is psycopg 3's
 def test_psycopg_transaction_blocks_act_on_the_logical_connection(driver: str, engine: sa.Engine) -> None:
-    if driver != "psycopg":
-        pytest.skip("Connection.transaction() is psycopg 3's")
     with sa_rollback.rollback_scope():
         with engine.begin() as other:
             add(other, "other")
@@ -186,9 +185,8 @@ def test_psycopg_transaction_blocks_act_on_the_logical_connection(driver: str, e
             assert names(check) == ["other", "outer"]
 
 
+@pytest.mark.parametrize("driver", ["psycopg2"])  # connection.reset() is psycopg2's
 def test_psycopg2_reset_ends_only_the_logical_transaction(driver: str, engine: sa.Engine) -> None:
-    if driver != "psycopg2":
-        pytest.skip("connection.reset() is psycopg2's")
     with sa_rollback.rollback_scope():
         with engine.begin() as other:
             add(other, "other")
@@ -536,11 +534,10 @@ def test_scope_end_cancels_a_stuck_statement(engine: sa.Engine) -> None:
             assert names(conn) == []
 
 
+@pytest.mark.parametrize("driver", ["psycopg"])  # cursor.stream() is psycopg 3's
 def test_stream_holds_the_connection_with_a_timeout(driver: str, engine: sa.Engine) -> None:
     """psycopg's cursor.stream() keeps the connection busy between rows: another thread's statement
     waits, and a main thread waiting for that thread inside the loop would hang without the timeout."""
-    if driver != "psycopg":
-        pytest.skip("cursor.stream() is psycopg 3's")
     results: queue.Queue[BaseException | int] = queue.Queue()
 
     def helper() -> None:
@@ -566,9 +563,8 @@ def test_stream_holds_the_connection_with_a_timeout(driver: str, engine: sa.Engi
         STATE.top.errors.clear()  # type: ignore[union-attr]  # reported for threads nobody checks
 
 
+@pytest.mark.parametrize("driver", ["psycopg"])  # cursor.stream() is psycopg 3's
 def test_statement_inside_own_stream_is_refused(driver: str, engine: sa.Engine) -> None:
-    if driver != "psycopg":
-        pytest.skip("cursor.stream() is psycopg 3's")
     with sa_rollback.rollback_scope():
         with engine.begin() as conn:
             add(conn, "a")
