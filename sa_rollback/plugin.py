@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 import uuid
 from collections.abc import Generator
@@ -168,7 +169,8 @@ def pytest_configure(config: pytest.Config) -> None:
             ),
             stacklevel=2,
         )
-    STATE.lock_timeout = settings.lock_timeout
+    # "inf" means wait forever; locks take at most TIMEOUT_MAX.
+    STATE.lock_timeout = min(settings.lock_timeout, threading.TIMEOUT_MAX)
     if settings.enabled:
         from ._listeners import install
         from .databases import POOLS
