@@ -255,7 +255,11 @@ def test_deferred_constraints_are_checked_unless_switched_off(pytester: pytest.P
 def test_lock_timeout_setting_is_validated(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     pytester.makeconftest(ENABLE)
     pytester.makepyfile(
-        test_x="def test_x(db_engine):\n    with db_engine.connect() as conn:\n        conn.exec_driver_sql('SELECT 1')\n"
+        test_x="""
+        def test_x(db_engine):
+            with db_engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        """
     )
     monkeypatch.setenv("SA_ROLLBACK_LOCK_TIMEOUT", "soon")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
