@@ -592,10 +592,10 @@ class _Redirect:
         return host, str(params.get("port") or "5432")
 
     def add(self, url: URL, base: str, clone: str) -> None:
-        host = url.host or ""
-        if host in _LOCAL_HOSTS:
-            host = "localhost"
-        self.routes[(host, str(url.port or 5432), base)] = clone
+        # A unix-socket URL carries its directory in the query (?host=/run/postgresql).
+        params: dict[str, Any] = {"host": url.host or url.query.get("host"), "port": url.port or url.query.get("port")}
+        host, port = self._norm({k: v[0] if isinstance(v, tuple) else v for k, v in params.items()})
+        self.routes[(host, port, base)] = clone
         self.install()
 
     def clear(self) -> None:
