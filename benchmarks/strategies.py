@@ -59,6 +59,11 @@ class Strategy:
             self.engine.dispose()
             self.engine = None
 
+    def _truncate(self) -> None:
+        assert self.engine is not None
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(self.schema.truncate_sql())
+
     def _factory(self) -> SessionFactory:
         engine = self.engine
         assert engine is not None
@@ -83,9 +88,7 @@ class NoIsolation(Strategy):
     key = "none"
 
     def clean(self) -> None:
-        assert self.engine is not None
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(self.schema.truncate_sql())
+        self._truncate()
 
 
 class Recipe(Strategy):
@@ -127,8 +130,7 @@ class Truncate(Strategy):
         try:
             yield self._factory()
         finally:
-            with self.engine.begin() as conn:
-                conn.exec_driver_sql(self.schema.truncate_sql())
+            self._truncate()
 
 
 class DropCreate(Strategy):
