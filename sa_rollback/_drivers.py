@@ -131,19 +131,32 @@ class Driver:
         name = getattr(diag, "constraint_name", None)
         return str(name) if name else None
 
+    #: the connection attribute that makes its transactions read-only
+    readonly_attr = "read_only"
+
     def guard(self, conn: Any) -> tuple[Any, Any]:
         """Make the pool's own (unused) connection refuse writes; returns what :meth:`unguard` restores.
 
         Client-side settings only: they cost no round trip, and apply to the
-        next transaction the connection begins.
+        next transaction the connection begins. Autocommit is left first:
+        psycopg 3 ignores read-only in autocommit mode, and psycopg2 would
+        apply it with a SET round trip.
         """
-        raise NotImplementedError
+        saved = (conn.autocommit, getattr(conn, self.readonly_attr))
+        if saved[0]:
+            conn.autocommit = False
+        setattr(conn, self.readonly_attr, True)
+        return saved
 
     def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
-        raise NotImplementedError
+        setattr(conn, self.readonly_attr, saved[1])
+        if saved[0]:
+            conn.autocommit = True
 
 
 class _Psycopg2(Driver):
+    readonly_attr = "readonly"
+
     def status(self, conn: Any) -> int:
         return int(conn.get_transaction_status())
 
@@ -160,20 +173,6 @@ class _Psycopg2(Driver):
         if conn.status == _PSYCOPG2_STATUS_BEGIN and conn.get_transaction_status() == IDLE:
             self.execute(conn, "BEGIN")
 
-    def guard(self, conn: Any) -> tuple[Any, Any]:
-        saved = (conn.autocommit, conn.readonly)
-        if saved[0]:
-            # In autocommit psycopg2 applies readonly with a SET round trip;
-            # leaving autocommit first keeps both changes client-side.
-            conn.autocommit = False
-        conn.readonly = True
-        return saved
-
-    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
-        conn.readonly = saved[1]
-        if saved[0]:
-            conn.autocommit = True
-
 
 class _Psycopg3(Driver):
     def status(self, conn: Any) -> int:
@@ -186,19 +185,6 @@ class _Psycopg3(Driver):
         conn.isolation_level = None
         conn.read_only = None
         conn.deferrable = None
-
-    def guard(self, conn: Any) -> tuple[Any, Any]:
-        saved = (conn.autocommit, conn.read_only)
-        if saved[0]:
-            # read_only does not apply in autocommit mode.
-            conn.autocommit = False
-        conn.read_only = True
-        return saved
-
-    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
-        conn.read_only = saved[1]
-        if saved[0]:
-            conn.autocommit = True
 
 
 def _run_psycopg2(conn: Any, sql: str) -> None:
