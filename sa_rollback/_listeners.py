@@ -4,6 +4,8 @@
 connection is replaced by a :class:`LogicalConnection` on the database's shared
 physical connection. The pool's own connection stays checked out, unused and
 read-only (:class:`PoolConnectionGuard`), and goes back to the pool as it was.
+Outside a scope, the checkout is noted, so that a scope opened while the
+application still holds the connection can adopt it (:mod:`._adoption`).
 
 ``reset``: the pool is taking the connection back; the logical connection ends
 as if rolled back, which is what the pool's reset-on-return does in production.
@@ -32,22 +34,24 @@ from typing import Any, Optional
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from ._proxy import LogicalConnection, PoolConnectionGuard
+from ._adoption import note_checkout, note_existing
+from ._proxy import GUARD_KEY, LogicalConnection, PoolConnectionGuard, give_back
+from ._sqla import dialect_of, pool_of, stand_in
 from ._state import STATE
 
 _lock = threading.Lock()
 _installed = False
-#: key of the PoolConnectionGuard in the pool record's ``info``
-_GUARD = "sa_rollback.guard"
 
 
 def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
     if STATE.top is None:
+        note_checkout(connection_proxy, connection_record)
         return
-    pool = connection_proxy._pool
-    if pool._dialect.is_async:
+    pool = pool_of(connection_proxy)
+    dialect = dialect_of(pool)
+    if dialect.is_async:
         STATE.warn_once(
-            ("async", pool._dialect.name),
+            ("async", dialect.name),
             "sa_rollback does not isolate async engines yet; their writes are real and outlive the test.",
         )
         return
@@ -57,31 +61,21 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
         return
     driver = phys.driver
     autocommit = driver.autocommit(dbapi_connection)
-    guard: Optional[PoolConnectionGuard] = info.get(_GUARD)
+    guard: Optional[PoolConnectionGuard] = info.get(GUARD_KEY)
     if guard is None or guard.real is not dbapi_connection:
-        guard = info[_GUARD] = PoolConnectionGuard(dbapi_connection, driver)
+        guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, driver)
     logical = LogicalConnection(phys, STATE.next_number(), autocommit, guard)
     guard.count += 1
     guard.checkouts.append((weakref.ref(connection_proxy), logical))
-    connection_proxy.dbapi_connection = logical
+    stand_in(connection_proxy, logical)
 
 
 def _give_back(logical: LogicalConnection, connection_record: Any) -> None:
-    """The checkout of ``logical`` ends: end it, and restore the pool connection when no one else uses it."""
-    STATE.report(logical._returned())
-    guard = logical._guard
-    if guard is None or guard.detached:
-        return
-    logical._guard = None
-    guard.checkouts = [entry for entry in guard.checkouts if entry[1] is not logical]
-    guard.count -= 1
-    if guard.count <= 0:
-        if connection_record is not None and connection_record.info.get(_GUARD) is guard:
-            del connection_record.info[_GUARD]
-        STATE.report(guard.release())
+    for error in give_back(logical, connection_record):
+        STATE.report(error)
 
 
-def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -> None:
+def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any = None) -> None:
     if type(dbapi_connection) is LogicalConnection:
         # Raising here would only be logged by the pool; the scope raises it instead.
         _give_back(dbapi_connection, connection_record)
@@ -90,7 +84,7 @@ def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -
         return
     # A checked-out connection was garbage collected without being closed:
     # the pool resets its own connection instead of ours.
-    guard: Optional[PoolConnectionGuard] = connection_record.info.get(_GUARD)
+    guard: Optional[PoolConnectionGuard] = connection_record.info.get(GUARD_KEY)
     if guard is not None and guard.real is dbapi_connection:
         for fairy, logical in guard.checkouts:
             if fairy() is None:
@@ -99,7 +93,7 @@ def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any) -
 
 
 def _on_invalidate(dbapi_connection: Any, connection_record: Any, exception: Any) -> None:
-    guard: Optional[PoolConnectionGuard] = connection_record.info.pop(_GUARD, None)
+    guard: Optional[PoolConnectionGuard] = connection_record.info.pop(GUARD_KEY, None)
     if guard is None:
         return
     # The pool connection is about to be closed; only the logical ones need ending.
@@ -110,7 +104,7 @@ def _on_invalidate(dbapi_connection: Any, connection_record: Any, exception: Any
 
 
 def _on_detach(dbapi_connection: Any, connection_record: Any) -> None:
-    guard: Optional[PoolConnectionGuard] = connection_record.info.pop(_GUARD, None)
+    guard: Optional[PoolConnectionGuard] = connection_record.info.pop(GUARD_KEY, None)
     if guard is not None:
         guard.detached = True
 
@@ -127,6 +121,9 @@ def install() -> None:
         event.listen(Pool, "reset", _on_reset)
         event.listen(Pool, "invalidate", _on_invalidate)
         event.listen(Pool, "detach", _on_detach)
+        # Connections the application checked out before this point (while
+        # a conftest was imported, say) never pass the checkout listener.
+        note_existing()
         _installed = True
 
 

@@ -16,10 +16,14 @@ from ._classify import Kind, Statement, classify
 from ._drivers import IDLE, INERROR, Driver
 from ._state import STATE
 from ._transaction import Logical, Physical
-from .errors import TransactionEscapeError, UnsupportedOperationError, caller_location
+from .errors import SaRollbackError, TransactionEscapeError, UnsupportedOperationError, caller_location
 
 if TYPE_CHECKING:
+    from ._adoption import Adoption
     from ._scope import RollbackScope
+
+#: key of the PoolConnectionGuard in the pool record's ``info``
+GUARD_KEY = "sa_rollback.guard"
 
 
 def _sql_text(query: Any, cursor: Any) -> str:
@@ -61,30 +65,42 @@ def _set_characteristic(name: str) -> Callable[[LogicalConnection, Any], None]:
 class LogicalConnection(Logical):
     """A pool checkout inside a rollback scope: a DBAPI connection with its own transaction."""
 
-    __slots__ = ("_guard", "_settings")
+    __slots__ = ("_adoption", "_guard", "_settings")
 
     def __init__(self, phys: Physical, number: int, autocommit: bool, guard: Optional[PoolConnectionGuard] = None):
         super().__init__(phys, number, autocommit)
         self._settings: dict[str, Any] = {}
         #: the pool's own connection, which this one stands in for
         self._guard = guard
+        #: set when the pool lent the connection before the scope opened
+        self._adoption: Optional[Adoption] = None
 
     # -- the DBAPI ------------------------------------------------------------
 
-    def cursor(self, *args: Any, **kwargs: Any) -> LogicalCursor:
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        if self._adoption is not None:
+            early = self._adoption.cursor(self, args, kwargs)
+            if early is not None:
+                return early
         if self._ended:
             raise self._closed_error()
         phys = self._phys
         if phys.broken:
             # Fail at execute, with the statement, rather than here, where
             # SQLAlchemy would wrap the error in a StatementError.
-            return LogicalCursor(self, _DeadCursor(phys))
+            return LogicalCursor(self, FailingCursor(phys.lost_error))
         return LogicalCursor(self, phys.conn.cursor(*args, **kwargs))
 
     def commit(self) -> None:
+        adoption = self._adoption
+        if adoption is not None and not adoption.joined:
+            adoption.join(self, "commit")
         self._commit()
 
     def rollback(self) -> None:
+        adoption = self._adoption
+        if adoption is not None and not adoption.joined:
+            adoption.join(self, "rollback")
         self._rollback()
 
     def close(self) -> None:
@@ -347,18 +363,19 @@ def _held_rows(conn: LogicalConnection, rows: Iterator[Any]) -> Iterator[Any]:
         yield from rows
 
 
-class _DeadCursor:
-    """Stands in for a cursor of a physical connection that died."""
+class FailingCursor:
+    """Stands in for a cursor whose statements must fail: its connection died, or may not run them."""
 
-    def __init__(self, phys: Physical):
-        self._phys = phys
+    def __init__(self, error: Callable[[], BaseException] | BaseException):
+        self._error = error
 
     def close(self) -> None:
         pass
 
     def __getattr__(self, name: str) -> Any:
         def fail(*args: Any, **kwargs: Any) -> Any:
-            raise self._phys.lost_error()
+            error = self._error
+            raise error if isinstance(error, BaseException) else error()
 
         return fail
 
@@ -517,3 +534,33 @@ class PoolConnectionGuard:
             self.real.close()
         except Exception:
             pass
+
+
+def give_back(logical: LogicalConnection, record: Any) -> list[SaRollbackError]:
+    """The checkout of ``logical`` ends: end it, and restore the pool connection when no one else uses it.
+
+    Returns the errors to report: a rollback that could not be honoured, a
+    statement run on the pool's own connection.
+    """
+    errors = [error for error in (logical._returned(),) if error is not None]
+    adoption = logical._adoption
+    if adoption is not None and not adoption.joined:
+        # Lent before the scope and unused in it: the pool's reset-on-return
+        # acts on this logical connection, so it would miss the real one.
+        try:
+            adoption.real.rollback()
+        except Exception:
+            pass  # a broken connection: the pool finds out on its own
+    guard = logical._guard
+    if guard is None or guard.detached:
+        return errors
+    logical._guard = None
+    guard.checkouts = [entry for entry in guard.checkouts if entry[1] is not logical]
+    guard.count -= 1
+    if guard.count <= 0:
+        if record is not None and record.info.get(GUARD_KEY) is guard:
+            del record.info[GUARD_KEY]
+        error = guard.release()
+        if error is not None:
+            errors.append(error)
+    return errors

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Optional
 
+from ._adoption import adopt_noted, release_adopted
 from ._listeners import install
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackError
@@ -90,6 +93,7 @@ class RollbackScope:
         install()
         STATE.push(self)
         self._open = True
+        adopt_noted()
         return self
 
     def __exit__(
@@ -124,6 +128,9 @@ class RollbackScope:
                 if phys.broken and not phys.frames:
                     # Outer scopes still on it keep it, so that they fail too.
                     STATE.discard(phys)
+        if STATE.top is None:
+            # Between scopes, what the application lent before the scope is its own again.
+            self.errors.extend(release_adopted(keep=lambda logical: False))
         if raise_errors:
             if self.errors:
                 raise self.errors[0]
@@ -139,3 +146,24 @@ def rollback_scope(
 ) -> RollbackScope:
     """Open a :class:`RollbackScope`: ``with rollback_scope(): ...``."""
     return RollbackScope(label, lock_timeout=lock_timeout, check_deferred=check_deferred)
+
+
+@contextmanager
+def suspended() -> Iterator[None]:
+    """Let connections through for real for a while: a wider-scoped fixture set up during a test.
+
+    Adopted connections are released for the time, unless the test wrote
+    through them and has not committed, so that such a fixture's work through
+    them is real too; afterwards they are adopted again, with whatever the
+    fixture checked out and still holds.
+    """
+    top = STATE.top
+    if top is None:
+        yield
+        return
+    top.errors.extend(release_adopted(keep=lambda logical: logical._holds_work()))
+    try:
+        with STATE.suspended():
+            yield
+    finally:
+        adopt_noted()

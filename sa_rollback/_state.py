@@ -41,6 +41,8 @@ class State:
         self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         self.scopes: list[RollbackScope] = []
         self.physicals: dict[DatabaseKey, Physical] = {}
+        #: logical connections standing in for connections lent before the scope opened (see _adoption)
+        self.adopted: list[Any] = []
         self._lock = threading.Lock()
         self._numbers = 0
         self._warned: set[Any] = set()

@@ -351,8 +351,12 @@ class Physical:
         if scope is None:
             raise StaleConnectionError(
                 f"A connection to {self.key.describe()} was checked out inside a rollback scope "
-                "that has ended, and is used after it. Check out a new connection (or open a "
-                "new Session) inside the current test instead of keeping one across tests."
+                f"that has ended, and is used after it ({caller_location()}): between tests, by a "
+                "wider-scoped fixture's set-up or teardown, or by a thread the test left running. "
+                "Its work would not be rolled back, so it is refused. End the transaction of a "
+                "session kept across tests before each test ends (session.commit(), "
+                "session.rollback(), session.close(), scoped_session.remove()), so that its next "
+                "use checks out a new connection; or check out a new connection where it is used."
             )
         if frames and not frames[-1].scope._open:
             self._drop_stale_frames()
@@ -1033,9 +1037,7 @@ class Logical:
     def _frame_closed(self, frame: Frame) -> None:
         if self._frame is not frame:
             return
-        if self._txn is not None and (
-            self._first_write is not None or self._user_sps or self._outer_writes or self.doomed
-        ):
+        if self._holds_work() or (self._txn is not None and self.doomed):
             self._stale = True
         self._frame = None
         self._txn = None
@@ -1051,10 +1053,7 @@ class Logical:
     def _returned(self) -> Optional[SaRollbackError]:
         """The pool takes the connection back: end it like a rollback would."""
         if self._txn is None and not self._stale:
-            self._ended = True
-            frame = self._frame
-            if frame is not None:
-                frame.logicals.discard(self)
+            self._end()
             return None
         phys = self._phys
         phys.acquire(waiting_for="to end a connection the pool takes back")
@@ -1067,12 +1066,20 @@ class Logical:
                 self._end_txn()
             else:
                 error = self._undo_txn()
-            self._ended = True
-            if self._frame is not None:
-                self._frame.logicals.discard(self)
+            self._end()
             return error
         finally:
             phys.lock.release()
+
+    def _holds_work(self) -> bool:
+        """Is a transaction open that wrote, or took savepoints, which a rollback would undo?"""
+        return self._txn is not None and (self._first_write is not None or bool(self._user_sps) or self._outer_writes)
+
+    def _end(self) -> None:
+        """No one may use this connection any more."""
+        self._ended = True
+        if self._frame is not None:
+            self._frame.logicals.discard(self)
 
     def _closed_error(self) -> Exception:
         return StaleConnectionError(f"{self.describe()} is closed; it was returned to the pool.")

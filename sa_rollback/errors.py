@@ -7,6 +7,7 @@ Every message says what happened and what to change. All of them derive from
 from __future__ import annotations
 
 import sys
+from types import CodeType, FrameType
 from typing import Optional
 
 
@@ -33,6 +34,17 @@ class TransactionEscapeError(SaRollbackError):
 
 class StaleConnectionError(SaRollbackError):
     """A connection outlived the rollback scope in which it was checked out."""
+
+
+class HeldConnectionError(SaRollbackError):
+    """A connection checked out before the scope opened cannot join it.
+
+    It holds a transaction with uncommitted writes made before the scope
+    began: joining the scope's transaction would commit them with the scope's
+    work or lose them with its rollback, neither of which production would do.
+    The statement is not run anywhere. The message names the connection, where
+    it was checked out, and the fix.
+    """
 
 
 class UnsupportedOperationError(SaRollbackError):
@@ -83,13 +95,31 @@ class DeferredConstraintError(SaRollbackError):
 _INTERNAL = ("sa_rollback.", "sqlalchemy.", "psycopg.", "psycopg2.", "contextlib", "threading", "concurrent.")
 
 
-def caller_location() -> str:
-    """``file:line in function`` of the innermost caller outside sa_rollback, SQLAlchemy and the drivers."""
-    frame = sys._getframe(1)
+def caller_site(depth: int = 1) -> Optional[tuple[CodeType, int]]:
+    """(code, line) of the innermost caller outside sa_rollback, SQLAlchemy and the drivers.
+
+    Cheap enough for every checkout outside a scope: nothing is formatted
+    until :func:`format_site` is called.
+    """
+    try:
+        frame: Optional[FrameType] = sys._getframe(depth + 1)
+    except ValueError:  # called from near the bottom of the stack
+        return None
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if not module.startswith(_INTERNAL) and module != "sa_rollback":
-            code = frame.f_code
-            return f"{code.co_filename}:{frame.f_lineno} in {code.co_name}()"
-        frame = frame.f_back  # type: ignore[assignment]
-    return "(location unknown)"
+            return frame.f_code, frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def format_site(site: Optional[tuple[CodeType, int]]) -> str:
+    if site is None:
+        return "(location unknown)"
+    code, line = site
+    return f"{code.co_filename}:{line} in {code.co_name}()"
+
+
+def caller_location() -> str:
+    """``file:line in function`` of the innermost caller outside sa_rollback, SQLAlchemy and the drivers."""
+    return format_site(caller_site(1))

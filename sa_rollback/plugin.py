@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import pytest
 
-from ._scope import RollbackScope
+from ._scope import RollbackScope, suspended
 from ._settings import OPTIONS, Settings, resolve
 from ._state import STATE, SaRollbackWarning
 from .databases import Plan, Provisioned, prepare, provision, teardown
@@ -285,7 +285,7 @@ def pytest_fixture_setup(
         return (yield)
     if STATE.top is None:
         return (yield)
-    with STATE.suspended():
+    with suspended():
         return (yield)
 
 
