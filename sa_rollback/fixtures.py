@@ -111,12 +111,24 @@ def db_session(request: pytest.FixtureRequest) -> Generator[Any, None, None]:
 
     With a ``_db`` fixture (pytest-flask-sqlalchemy's convention) this is
     ``_db.session``, the very session the application uses, so the test and the
-    views share one identity map as they did under pytest-flask-sqlalchemy.
+    views share one identity map as they did under pytest-flask-sqlalchemy; it
+    is ended after the test (``remove()``), as that plugin did, so that an app
+    context kept for a whole module starts each test with a fresh session.
     Otherwise it is a new ``Session`` on ``db_engine``, closed after the test.
     """
     db = _user_db(request)
     if db is not None:
-        yield db.session
+        session = db.session
+        try:
+            yield session
+        finally:
+            end = getattr(session, "remove", None) or session.close
+            try:
+                end()
+            except RuntimeError:
+                # "Working outside of application context": the app context
+                # ended first, and Flask-SQLAlchemy removed the session then.
+                pass
         return
     from sqlalchemy.orm import Session
 
