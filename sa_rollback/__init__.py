@@ -11,7 +11,7 @@ or use the core without pytest::
 """
 
 from ._scope import RollbackScope, rollback_scope
-from ._state import SaRollbackWarning
+from ._settings import Settings
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -21,6 +21,7 @@ from .errors import (
     InterleavedRollbackError,
     LockTimeoutError,
     SaRollbackError,
+    SaRollbackWarning,
     ScopeError,
     StaleConnectionError,
     TransactionEscapeError,
@@ -44,6 +45,7 @@ __all__ = [
     "SaRollbackError",
     "SaRollbackWarning",
     "ScopeError",
+    "Settings",
     "StaleConnectionError",
     "TransactionEscapeError",
     "UnsupportedOperationError",

@@ -34,15 +34,31 @@ import gc
 import warnings
 import weakref
 from types import CodeType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from ._drivers import IDLE, INERROR, INTRANS
-from ._proxy import GUARD_KEY, FailingCursor, LogicalConnection, LogicalCursor, PoolConnectionGuard, give_back
+from ._guard import GUARD_KEY, PoolConnectionGuard, give_back
+from ._physical import Physical, ScopeSource
+from ._proxy import FailingCursor, LogicalConnection, LogicalCursor
 from ._sqla import Fairy, dialect_of, held_connection, pool_of, record_of, stand_in
-from ._state import STATE, SaRollbackWarning
-from .errors import HeldConnectionError, SaRollbackError, caller_site, format_site
+from .errors import HeldConnectionError, SaRollbackError, SaRollbackWarning, caller_site, format_site
 
 Site = Optional[tuple[CodeType, int]]
+
+
+class Registry(ScopeSource, Protocol):
+    """What adoption needs of the process-wide state."""
+
+    adopted: list[LogicalConnection]
+
+    def physical_for(
+        self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None
+    ) -> Optional[Physical]: ...
+
+    def next_number(self) -> int: ...
+
+    def warn_once(self, key: Any, message: str) -> None: ...
+
 
 #: checkouts made while no scope was open: id(pool record) -> (weak ref to the pool's proxy, where)
 _noted: dict[int, tuple[weakref.ref[Any], Site]] = {}
@@ -66,9 +82,10 @@ def note_existing() -> None:
 class Adoption:
     """How an adopted logical connection came to be, and what it stands in for."""
 
-    __slots__ = ("fairy", "joined", "real", "site")
+    __slots__ = ("fairy", "joined", "real", "registry", "site")
 
-    def __init__(self, fairy: weakref.ref[Any], real: Any, site: Site) -> None:
+    def __init__(self, fairy: weakref.ref[Any], real: Any, site: Site, registry: Registry) -> None:
+        self.registry = registry
         self.fairy = fairy
         #: the driver connection the pool lent before the scope opened
         self.real = real
@@ -78,7 +95,7 @@ class Adoption:
     def join(self, logical: LogicalConnection, action: str) -> None:
         """First use inside the scope (``action``: "statement", "commit" or "rollback")."""
         real = self.real
-        driver = logical._phys.driver
+        driver = logical.phys.driver
         status = driver.status(real)
         error: Optional[HeldConnectionError] = None
         if status == INTRANS and action != "rollback" and _wrote(real):
@@ -95,7 +112,7 @@ class Adoption:
         record = record_of(fairy) if fairy is not None else None
         if record is not None:
             record.info[GUARD_KEY] = guard
-        logical._guard = guard
+        logical.guard = guard
         self.joined = True
         if error is not None:
             raise error
@@ -113,7 +130,7 @@ class Adoption:
         else:
             outcome = "The commit failed, and those writes were rolled back, as a failed COMMIT's are."
         return HeldConnectionError(
-            f"A connection to {logical._phys.key.describe()}, checked out before the current rollback scope "
+            f"A connection to {logical.phys.key.describe()}, checked out before the current rollback scope "
             f"began (at {format_site(self.site)}), holds uncommitted writes made before the scope, and its "
             f"{action} came inside the scope (at {where}). Joining the scope's transaction would commit those "
             f"writes with the scope's work, or lose them with its rollback. {outcome} End that transaction "
@@ -123,13 +140,14 @@ class Adoption:
 
     def cursor(self, logical: LogicalConnection, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """What ``cursor()`` returns for an adopted connection, or None to go on as usual."""
-        if STATE.top is None:
+        registry = self.registry
+        if registry.top is None:
             # Between scopes, a wider-scoped fixture's connection is real again,
             # once the transaction the scope rolled back has ended.
             fairy = self.fairy()
-            if logical._stale or logical._holds_work() or fairy is None or held_connection(fairy) is not logical:
+            if logical.stale or logical.holds_work() or fairy is None or held_connection(fairy) is not logical:
                 return None
-            STATE.adopted.remove(logical)
+            registry.adopted.remove(logical)
             for error in release(logical, fairy):
                 warnings.warn(str(error), SaRollbackWarning, stacklevel=4)
             return self.real.cursor(*args, **kwargs)
@@ -153,7 +171,7 @@ def _wrote(real: Any) -> bool:
     return bool(row and row[0])
 
 
-def adopt_noted() -> None:
+def adopt_noted(registry: Registry) -> None:
     """A scope has opened: every noted connection still checked out joins it on first use."""
     if not _noted:
         return
@@ -170,44 +188,44 @@ def adopt_noted() -> None:
         pool = pool_of(fairy)
         if dialect_of(pool).is_async:
             continue
-        phys = STATE.physical_for(real, pool, record.info)
+        phys = registry.physical_for(real, pool, record.info)
         if phys is None:
             continue
-        logical = LogicalConnection(phys, STATE.next_number(), phys.driver.autocommit(real))
-        logical._adoption = Adoption(fairy_ref, real, site)
+        logical = LogicalConnection(phys, registry.next_number(), phys.driver.autocommit(real))
+        logical.adoption = Adoption(fairy_ref, real, site, registry)
         stand_in(fairy, logical)
-        STATE.adopted.append(logical)
+        registry.adopted.append(logical)
 
 
 def release(logical: LogicalConnection, fairy: Any) -> list[SaRollbackError]:
     """Give ``fairy`` its real connection back; the errors found on the way."""
-    adoption = logical._adoption
-    assert adoption is not None
+    adoption = logical.adoption
+    assert isinstance(adoption, Adoption)
     record = record_of(fairy)
     errors: list[SaRollbackError] = []
     if adoption.joined:
         errors = give_back(logical, record)
     else:
-        logical._end()
+        logical.end()
     stand_in(fairy, adoption.real)
     if record is not None:
         _noted[id(record)] = (adoption.fairy, adoption.site)
     return errors
 
 
-def release_adopted(keep: Callable[[LogicalConnection], bool]) -> list[SaRollbackError]:
+def release_adopted(registry: Registry, keep: Callable[[LogicalConnection], bool]) -> list[SaRollbackError]:
     """Release every adopted connection except those ``keep`` holds back; the errors found."""
     errors: list[SaRollbackError] = []
     kept: list[LogicalConnection] = []
-    for logical in STATE.adopted:
-        adoption = logical._adoption
-        assert adoption is not None
+    for logical in registry.adopted:
+        adoption = logical.adoption
+        assert isinstance(adoption, Adoption)
         fairy = adoption.fairy()
         if fairy is None or held_connection(fairy) is not logical:
             continue  # the pool has it back
-        if logical._stale or keep(logical):
+        if logical.stale or keep(logical):
             kept.append(logical)
             continue
         errors.extend(release(logical, fairy))
-    STATE.adopted = kept
+    registry.adopted = kept
     return errors

@@ -22,7 +22,8 @@ which nothing uses any more, is closed when the logical one is.
 
 Listening on the class reaches every pool, including those of engines created
 later. Registration is not cheap in SQLAlchemy, so behaviour is switched through
-``STATE`` instead of adding and removing listeners per test.
+the process-wide state, handed over by :func:`install`, instead of adding and
+removing listeners per test.
 """
 
 from __future__ import annotations
@@ -34,29 +35,32 @@ from typing import Any, Optional
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from ._adoption import note_checkout, note_existing
-from ._proxy import GUARD_KEY, LogicalConnection, PoolConnectionGuard, give_back
+from ._adoption import Registry, note_checkout, note_existing
+from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
+from ._proxy import LogicalConnection
 from ._sqla import dialect_of, pool_of, stand_in
-from ._state import STATE
 
 _lock = threading.Lock()
-_installed = False
+#: the process-wide state, once installed
+_state: Optional[Registry] = None
 
 
 def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
-    if STATE.top is None:
+    state = _state
+    assert state is not None
+    if state.top is None:
         note_checkout(connection_proxy, connection_record)
         return
     pool = pool_of(connection_proxy)
     dialect = dialect_of(pool)
     if dialect.is_async:
-        STATE.warn_once(
+        state.warn_once(
             ("async", dialect.name),
             "sa_rollback does not isolate async engines yet; their writes are real and outlive the test.",
         )
         return
     info = connection_record.info
-    phys = STATE.physical_for(dbapi_connection, pool, info)
+    phys = state.physical_for(dbapi_connection, pool, info)
     if phys is None:
         return
     driver = phys.driver
@@ -64,15 +68,16 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     guard: Optional[PoolConnectionGuard] = info.get(GUARD_KEY)
     if guard is None or guard.real is not dbapi_connection:
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, driver)
-    logical = LogicalConnection(phys, STATE.next_number(), autocommit, guard)
+    logical = LogicalConnection(phys, state.next_number(), autocommit, guard)
     guard.count += 1
     guard.checkouts.append((weakref.ref(connection_proxy), logical))
     stand_in(connection_proxy, logical)
 
 
-def _give_back(logical: LogicalConnection, connection_record: Any) -> None:
+def _give_back(logical: Lent, connection_record: Any) -> None:
+    assert _state is not None
     for error in give_back(logical, connection_record):
-        STATE.report(error)
+        _state.report(error)
 
 
 def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any = None) -> None:
@@ -93,13 +98,14 @@ def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any = 
 
 
 def _on_invalidate(dbapi_connection: Any, connection_record: Any, exception: Any) -> None:
+    assert _state is not None
     guard: Optional[PoolConnectionGuard] = connection_record.info.pop(GUARD_KEY, None)
     if guard is None:
         return
     # The pool connection is about to be closed; only the logical ones need ending.
     for _, logical in guard.checkouts:
-        logical._guard = None
-        STATE.report(logical._returned())
+        logical.guard = None
+        _state.report(logical.returned())
     guard.checkouts = []
 
 
@@ -109,14 +115,15 @@ def _on_detach(dbapi_connection: Any, connection_record: Any) -> None:
         guard.detached = True
 
 
-def install() -> None:
-    """Register the listeners (idempotent). Opening a scope calls this."""
-    global _installed
-    if _installed:
+def install(state: Registry) -> None:
+    """Register the listeners, acting on ``state`` (idempotent). Opening a scope calls this."""
+    global _state
+    if _state is not None:
         return
     with _lock:
-        if _installed:
+        if _state is not None:
             return
+        _state = state
         event.listen(Pool, "checkout", _on_checkout)
         event.listen(Pool, "reset", _on_reset)
         event.listen(Pool, "invalidate", _on_invalidate)
@@ -124,8 +131,3 @@ def install() -> None:
         # Connections the application checked out before this point (while
         # a conftest was imported, say) never pass the checkout listener.
         note_existing()
-        _installed = True
-
-
-def installed() -> bool:
-    return _installed

@@ -7,23 +7,17 @@ the physical connection or cursor, so driver-specific attributes keep working.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from ._classify import Kind, Statement, classify
-from ._drivers import IDLE, INERROR, Driver
-from ._state import STATE
-from ._transaction import Logical, Physical
-from .errors import SaRollbackError, TransactionEscapeError, UnsupportedOperationError, caller_location
-
-if TYPE_CHECKING:
-    from ._adoption import Adoption
-    from ._scope import RollbackScope
-
-#: key of the PoolConnectionGuard in the pool record's ``info``
-GUARD_KEY = "sa_rollback.guard"
+from ._drivers import IDLE
+from ._guard import PoolConnectionGuard
+from ._history import ScopeLike
+from ._logical import Logical
+from ._physical import Physical
+from .errors import TransactionEscapeError, UnsupportedOperationError, caller_location
 
 
 def _sql_text(query: Any, cursor: Any) -> str:
@@ -62,29 +56,40 @@ def _set_characteristic(name: str) -> Callable[[LogicalConnection, Any], None]:
     return set_
 
 
+class Adopted(Protocol):
+    """How a connection the pool lent before the scope opened joins it (``_adoption.Adoption``)."""
+
+    joined: bool
+    real: Any
+
+    def join(self, logical: LogicalConnection, action: str) -> None: ...
+
+    def cursor(self, logical: LogicalConnection, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+
 class LogicalConnection(Logical):
     """A pool checkout inside a rollback scope: a DBAPI connection with its own transaction."""
 
-    __slots__ = ("_adoption", "_guard", "_settings")
+    __slots__ = ("_settings", "adoption", "guard")
 
     def __init__(self, phys: Physical, number: int, autocommit: bool, guard: Optional[PoolConnectionGuard] = None):
         super().__init__(phys, number, autocommit)
         self._settings: dict[str, Any] = {}
         #: the pool's own connection, which this one stands in for
-        self._guard = guard
+        self.guard = guard
         #: set when the pool lent the connection before the scope opened
-        self._adoption: Optional[Adoption] = None
+        self.adoption: Optional[Adopted] = None
 
     # -- the DBAPI ------------------------------------------------------------
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if self._adoption is not None:
-            early = self._adoption.cursor(self, args, kwargs)
+        if self.adoption is not None:
+            early = self.adoption.cursor(self, args, kwargs)
             if early is not None:
                 return early
         if self._ended:
             raise self._closed_error()
-        phys = self._phys
+        phys = self.phys
         if phys.broken:
             # Fail at execute, with the statement, rather than here, where
             # SQLAlchemy would wrap the error in a StatementError.
@@ -92,24 +97,24 @@ class LogicalConnection(Logical):
         return LogicalCursor(self, phys.conn.cursor(*args, **kwargs))
 
     def commit(self) -> None:
-        adoption = self._adoption
+        adoption = self.adoption
         if adoption is not None and not adoption.joined:
             adoption.join(self, "commit")
         self._commit()
 
     def rollback(self) -> None:
-        adoption = self._adoption
+        adoption = self.adoption
         if adoption is not None and not adoption.joined:
             adoption.join(self, "rollback")
         self._rollback()
 
     def close(self) -> None:
-        STATE.report(self._returned())
-        guard = self._guard
+        self.phys.scopes.report(self.returned())
+        guard = self.guard
         if guard is not None and guard.detached:
             # A detached connection owns its pool connection in production,
             # and closing it closes that.
-            self._guard = None
+            self.guard = None
             guard.close()
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
@@ -118,7 +123,7 @@ class LogicalConnection(Logical):
 
     @property
     def closed(self) -> Any:
-        return True if self._ended else self._phys.conn.closed
+        return True if self._ended else self.phys.conn.closed
 
     @property
     def autocommit(self) -> bool:
@@ -129,15 +134,15 @@ class LogicalConnection(Logical):
         self._set_autocommit(bool(value))
 
     def _set_autocommit(self, value: bool) -> None:
-        if value != self._autocommit and self._txn is not None and not self._autocommit:
+        if value != self._autocommit and self._t.id is not None and not self._autocommit:
             # psycopg refuses this too; the application must end the transaction first.
             self._rollback()
         self._autocommit = value
-        self._explicit_block = False
+        self._t.explicit_block = False
 
     def set_isolation_level(self, level: Any) -> None:
         """Recorded, not applied. psycopg2's level 0 means autocommit."""
-        if self._phys.driver.name == "psycopg2":
+        if self.phys.driver.name == "psycopg2":
             self._set_autocommit(level == 0)
         self._settings["isolation_level"] = level
 
@@ -164,9 +169,9 @@ class LogicalConnection(Logical):
         sa_rollback's back, and its rollback would undo other connections'
         work.
         """
-        in_txn = self._txn is not None and (self._explicit_block or not self._autocommit)
+        in_txn = self._t.id is not None and (self._t.explicit_block or not self._autocommit)
         if in_txn or savepoint_name is not None:
-            name = savepoint_name or f"_pg3_{self._phys.next_id()}"
+            name = savepoint_name or f"_pg3_{self.phys.next_id()}"
             self.execute(f"SAVEPOINT {name}")
             try:
                 yield _Transaction(self, name)
@@ -237,11 +242,11 @@ class LogicalConnection(Logical):
     deferrable = property(_characteristic("deferrable"), _set_characteristic("deferrable"))
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._phys.conn, name)
+        return getattr(self.phys.conn, name)
 
     # -- statement dispatch -----------------------------------------------------
 
-    def _run(
+    def run_statement(
         self,
         cursor: Any,
         fn: Callable[..., Any],
@@ -254,33 +259,35 @@ class LogicalConnection(Logical):
         sql = _sql_text(query, cursor)
         stmt = classify(sql)
         kind = stmt.kind
-        phys = self._phys
-        top = STATE.top
+        phys = self.phys
+        scopes = phys.scopes
+        top = scopes.top
         lock = phys.lock
-        timeout = STATE.lock_timeout if top is None else top.lock_timeout
-        if phys.stuck is not None:
-            timeout = phys.wait_for(timeout)
-        if not lock.acquire(True, timeout):
-            raise phys.lock_timeout_error(timeout, "to run a statement")
-        phys.stuck = None
+        timeout = scopes.lock_timeout if top is None else top.lock_timeout
+        if lock.stuck is not None:
+            timeout = lock.wait_for(timeout)
+        raw = lock.raw
+        if not raw.acquire(True, timeout):
+            raise lock.timeout_error(timeout, "to run a statement")
+        lock.stuck = None
         try:
             if kind is Kind.READ or kind is Kind.WRITE or write is not None:
                 frame = self._prepare(top)
                 if phys.streaming:
                     raise phys.busy_error(self)
-                auto = self._autocommit and not self._explicit_block
+                auto = self._autocommit and not self._t.explicit_block
                 try:
                     if phys.aborted_by is not self:
                         self._ensure_undo(frame)
                     result = fn(query, *args, **kwargs)
                 except BaseException:
-                    self._failed()
+                    self.failed()
                     if auto:
-                        STATE.report(self._undo_txn())
+                        scopes.report(self._undo_txn())
                     raise
                 if phys.driver.status(phys.conn) == IDLE:
                     error = phys.escaped(sql, self)
-                    STATE.report(error)
+                    scopes.report(error)
                     raise error
                 if write is None:
                     if kind is not Kind.READ:
@@ -292,7 +299,7 @@ class LogicalConnection(Logical):
                 return result
             return self._control(cursor, fn, query, args, kwargs, sql, stmt, top)
         finally:
-            lock.release()
+            raw.release()
 
     def _control(
         self,
@@ -303,7 +310,7 @@ class LogicalConnection(Logical):
         kwargs: dict[str, Any],
         sql: str,
         stmt: Statement,
-        top: Optional[RollbackScope],
+        top: Optional[ScopeLike],
     ) -> Any:
         """Statements that control the transaction, emulated per logical connection."""
         kind = stmt.kind
@@ -321,13 +328,13 @@ class LogicalConnection(Logical):
                 "Run the statements one by one and end the transaction with connection.commit() / "
                 "session.commit(), or a lone COMMIT."
             )
-            STATE.report(error)
+            self.phys.scopes.report(error)
             raise error
         if kind is Kind.TWO_PHASE:
             raise UnsupportedOperationError(
                 f"{sql!r}: two-phase commit cannot run inside a rolled-back test transaction."
             )
-        phys = self._phys
+        phys = self.phys
         frame = self._prepare(top, control=kind is Kind.ROLLBACK_TO)
         if phys.streaming:
             raise phys.busy_error(self)
@@ -342,7 +349,7 @@ class LogicalConnection(Logical):
                 return None
             if kind is Kind.BEGIN:
                 if self._autocommit:
-                    self._explicit_block = True
+                    self._t.explicit_block = True
                 return None
             if kind is Kind.TXN_SETTING:
                 # One shared transaction has one set of characteristics; making
@@ -352,14 +359,14 @@ class LogicalConnection(Logical):
             # transaction: PostgreSQL gives the production error.
             return fn(query, *args, **kwargs)
         except BaseException:
-            self._failed()
+            self.failed()
             raise
 
 
 def _held_rows(conn: LogicalConnection, rows: Iterator[Any]) -> Iterator[Any]:
     # psycopg holds its connection lock from the first row to the last: hold
     # ours as long, so that other threads wait for it with a timeout.
-    with conn._phys.held(conn):
+    with conn.phys.held(conn):
         yield from rows
 
 
@@ -399,33 +406,34 @@ class LogicalCursor:
 
     def execute(self, query: Any, params: Any = None, *args: Any, **kwargs: Any) -> Any:
         cursor = self._cursor
-        return self._result(self._conn._run(cursor, cursor.execute, query, (params, *args), kwargs, None))
+        return self._result(self._conn.run_statement(cursor, cursor.execute, query, (params, *args), kwargs, None))
 
     def executemany(self, query: Any, params_seq: Any, *args: Any, **kwargs: Any) -> Any:
         cursor = self._cursor
-        return self._result(self._conn._run(cursor, cursor.executemany, query, (params_seq, *args), kwargs, True))
+        result = self._conn.run_statement(cursor, cursor.executemany, query, (params_seq, *args), kwargs, True)
+        return self._result(result)
 
     def callproc(self, procname: str, *args: Any, **kwargs: Any) -> Any:
         cursor = self._cursor
-        return self._conn._run(cursor, cursor.callproc, procname, args, kwargs, True)
+        return self._conn.run_statement(cursor, cursor.callproc, procname, args, kwargs, True)
 
     # psycopg2's COPY methods
     def copy_from(self, file: Any, table: str, *args: Any, **kwargs: Any) -> Any:
         cursor = self._cursor
-        return self._conn._run(
+        return self._conn.run_statement(
             cursor, lambda q, *a, **k: cursor.copy_from(file, table, *a, **k), f"COPY {table}", args, kwargs, True
         )
 
     def copy_to(self, file: Any, table: str, *args: Any, **kwargs: Any) -> Any:
         cursor = self._cursor
-        return self._conn._run(
+        return self._conn.run_statement(
             cursor, lambda q, *a, **k: cursor.copy_to(file, table, *a, **k), f"COPY {table}", args, kwargs, False
         )
 
     def copy_expert(self, sql: str, file: Any, *args: Any, **kwargs: Any) -> Any:
         cursor = self._cursor
         reads = " TO " in sql.upper()
-        return self._conn._run(
+        return self._conn.run_statement(
             cursor, lambda q, *a, **k: cursor.copy_expert(q, file, *a, **k), sql, args, kwargs, not reads
         )
 
@@ -437,14 +445,14 @@ class LogicalCursor:
         reads = " TO " in _sql_text(statement, cursor).upper()
         # psycopg holds its connection lock for the whole block; hold ours as
         # long, so that other threads wait for it with a timeout.
-        manager = conn._run(cursor, cursor.copy, statement, (params,), kwargs, not reads)
-        with conn._phys.held(conn), manager as copy:
+        manager = conn.run_statement(cursor, cursor.copy, statement, (params,), kwargs, not reads)
+        with conn.phys.held(conn), manager as copy:
             yield copy
 
     def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
         cursor = self._cursor
         conn = self._conn
-        return _held_rows(conn, conn._run(cursor, cursor.stream, query, (params,), kwargs, None))
+        return _held_rows(conn, conn.run_statement(cursor, cursor.stream, query, (params,), kwargs, None))
 
     def close(self) -> None:
         self._cursor.close()
@@ -463,104 +471,3 @@ class LogicalCursor:
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._cursor, name, value)
-
-
-class PoolConnectionGuard:
-    """The pool's own connection while a logical connection stands in for it.
-
-    It stays checked out, unused, and is what ``driver_connection`` returns.
-    It is not part of the test's transaction, so it is made read-only for the
-    time (client-side settings, no round trip): nothing can be committed
-    through it. When the pool takes it back, a transaction left open on it
-    means the application used it, and the test fails with
-    :class:`TransactionEscapeError`. Several checkouts may share one pool
-    connection (``StaticPool``); the last one to return restores it.
-    """
-
-    __slots__ = ("checkouts", "count", "detached", "driver", "real", "saved")
-
-    def __init__(self, real: Any, driver: Driver):
-        self.real = real
-        self.driver = driver
-        self.count = 0
-        self.detached = False
-        #: (weak reference to the pool's checkout proxy, the logical connection in it)
-        self.checkouts: list[tuple[weakref.ref[Any], LogicalConnection]] = []
-        self.saved: Optional[tuple[Any, Any]] = None
-        try:
-            if driver.status(real) != IDLE:
-                # pool_pre_ping's SELECT 1 leaves a transaction open; the pool
-                # would roll it back at check-in.
-                real.rollback()
-            self.saved = driver.guard(real)
-        except Exception:
-            # A dead pool connection: nothing can go through it anyway.
-            pass
-
-    def release(self) -> Optional[TransactionEscapeError]:
-        """Give the connection back in the state it was lent in; describe any use of it."""
-        real = self.real
-        driver = self.driver
-        try:
-            if driver.closed(real):
-                return None
-            status = driver.status(real)
-            error = None
-            if status != IDLE:
-                failed = status == INERROR
-                error = TransactionEscapeError(
-                    "A statement ran on the pool's own connection, which "
-                    "`driver_connection` (engine.raw_connection().driver_connection, "
-                    "connection.connection.driver_connection) returns inside a test"
-                    + (" and failed" if failed else "")
-                    + f"; it was returned to the pool at {caller_location()}. That connection is not part "
-                    "of the test's transaction: it sees only committed data, and sa_rollback keeps it "
-                    "read-only during a test so that nothing is committed through it"
-                    + (" (a write there fails with 'read-only transaction')" if failed else "")
-                    + ". Use the DBAPI connection instead (connection.connection.dbapi_connection, or the "
-                    "raw connection itself), which joins the test's transaction."
-                )
-                real.rollback()
-            if self.saved is not None:
-                driver.unguard(real, self.saved)
-                self.saved = None
-            return error
-        except Exception:
-            # A broken connection: the pool finds out on its own.
-            return None
-
-    def close(self) -> None:
-        try:
-            self.real.close()
-        except Exception:
-            pass
-
-
-def give_back(logical: LogicalConnection, record: Any) -> list[SaRollbackError]:
-    """The checkout of ``logical`` ends: end it, and restore the pool connection when no one else uses it.
-
-    Returns the errors to report: a rollback that could not be honoured, a
-    statement run on the pool's own connection.
-    """
-    errors = [error for error in (logical._returned(),) if error is not None]
-    adoption = logical._adoption
-    if adoption is not None and not adoption.joined:
-        # Lent before the scope and unused in it: the pool's reset-on-return
-        # acts on this logical connection, so it would miss the real one.
-        try:
-            adoption.real.rollback()
-        except Exception:
-            pass  # a broken connection: the pool finds out on its own
-    guard = logical._guard
-    if guard is None or guard.detached:
-        return errors
-    logical._guard = None
-    guard.checkouts = [entry for entry in guard.checkouts if entry[1] is not logical]
-    guard.count -= 1
-    if guard.count <= 0:
-        if record is not None and record.info.get(GUARD_KEY) is guard:
-            del record.info[GUARD_KEY]
-        error = guard.release()
-        if error is not None:
-            errors.append(error)
-    return errors

@@ -6,15 +6,18 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from ._adoption import adopt_noted, release_adopted
-from ._listeners import install
+from ._listeners import install as install_listeners
+from ._physical import Physical
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackError
 
-if TYPE_CHECKING:
-    from ._transaction import Physical
+
+def install() -> None:
+    """Register the process-wide listeners (idempotent); the first scope does it too."""
+    install_listeners(STATE)
 
 
 def _check_timeout(value: float) -> float:
@@ -74,7 +77,16 @@ class RollbackScope:
     def __repr__(self) -> str:
         return f"<RollbackScope {self.label!r}>"
 
-    def _touched(self, phys: Physical) -> None:
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def report(self, error: SaRollbackError) -> None:
+        """Keep an error that SQLAlchemy would swallow; the scope raises the first at exit."""
+        self.errors.append(error)
+
+    def touched(self, phys: Physical) -> None:
+        """``phys`` opened a frame for this scope: roll it back at exit."""
         key = phys.key
         for other in self._physicals:
             okey = other.key
@@ -93,7 +105,7 @@ class RollbackScope:
         install()
         STATE.push(self)
         self._open = True
-        adopt_noted()
+        adopt_noted(STATE)
         return self
 
     def __exit__(
@@ -130,7 +142,7 @@ class RollbackScope:
                     STATE.discard(phys)
         if STATE.top is None:
             # Between scopes, what the application lent before the scope is its own again.
-            self.errors.extend(release_adopted(keep=lambda logical: False))
+            self.errors.extend(release_adopted(STATE, keep=lambda logical: False))
         if raise_errors:
             if self.errors:
                 raise self.errors[0]
@@ -161,9 +173,10 @@ def suspended() -> Iterator[None]:
     if top is None:
         yield
         return
-    top.errors.extend(release_adopted(keep=lambda logical: logical._holds_work()))
+    for error in release_adopted(STATE, keep=lambda logical: logical.holds_work()):
+        top.report(error)
     try:
         with STATE.suspended():
             yield
     finally:
-        adopt_noted()
+        adopt_noted(STATE)

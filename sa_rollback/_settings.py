@@ -104,18 +104,22 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+#: each option's default, from the table above: the one place defaults are written
+_DEFAULTS: dict[str, Any] = {option.field: option.default for option in OPTIONS}
+
+
 @dataclass(frozen=True)
 class Settings:
     """The resolved settings of one run."""
 
-    enabled: bool = True
-    url: Optional[str] = None
-    schema: Optional[str] = None
-    rebuild: bool = False
-    export_env: Optional[str] = None
-    lock_timeout: float = 30.0
-    check_deferred: bool = True
-    server_dir: Path = Path(_default_cache_dir())
+    enabled: bool = _DEFAULTS["enabled"]
+    url: Optional[str] = _DEFAULTS["url"]
+    schema: Optional[str] = _DEFAULTS["schema"]
+    rebuild: bool = _DEFAULTS["rebuild"]
+    export_env: Optional[str] = _DEFAULTS["export_env"]
+    lock_timeout: float = _DEFAULTS["lock_timeout"]
+    check_deferred: bool = _DEFAULTS["check_deferred"]
+    server_dir: Path = Path(_DEFAULTS["server_dir"])
 
 
 _TRUE = {"1", "true", "yes", "on"}

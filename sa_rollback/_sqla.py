@@ -21,18 +21,18 @@ Fairy = _ConnectionFairy
 
 def pool_of(fairy: Any) -> Pool:
     """The pool a checkout proxy came from."""
-    pool: Pool = fairy._pool
+    pool: Pool = fairy._pool  # noqa: SLF001  (this module is where such touches live)
     return pool
 
 
 def dialect_of(pool: Pool) -> Any:
     """The dialect of the engine that owns ``pool``."""
-    return pool._dialect
+    return pool._dialect  # noqa: SLF001
 
 
 def record_of(fairy: Any) -> Optional[_ConnectionRecord]:
     """The pool record behind a checkout proxy; None once it is detached or checked in."""
-    record: Optional[_ConnectionRecord] = fairy._connection_record
+    record: Optional[_ConnectionRecord] = fairy._connection_record  # noqa: SLF001
     return record
 
 

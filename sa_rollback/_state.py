@@ -3,6 +3,10 @@
 The listeners stay registered for the life of the process; whether they act is
 decided here, by whether a rollback scope is open. Outside a scope the checkout
 listener costs one attribute read.
+
+Only the scope layer (:mod:`._scope`) and the pytest layer import it. The
+listeners get it when they are installed, and the physical connections it
+makes get it as their :class:`~._physical.ScopeSource`.
 """
 
 from __future__ import annotations
@@ -11,22 +15,16 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from ._drivers import DatabaseKey, Driver, driver_for
-from ._transaction import Physical
-from .errors import SaRollbackError, ScopeError
-
-if TYPE_CHECKING:
-    from ._scope import RollbackScope
-
+from ._history import ScopeLike
+from ._physical import Physical
+from ._sqla import dialect_of, private_record
+from .errors import SaRollbackError, SaRollbackWarning, ScopeError
 
 #: key, in a pool record's info dict, of (its DBAPI connection, driver, database key)
 _KEY_INFO = "sa_rollback.key"
-
-
-class SaRollbackWarning(UserWarning):
-    """Something sa_rollback cannot isolate, or a setting it ignores."""
 
 
 #: seconds a thread waits for a database's shared connection before giving up
@@ -36,10 +34,10 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 class State:
     def __init__(self) -> None:
         #: the innermost open scope, or None
-        self.top: Optional[RollbackScope] = None
+        self.top: Optional[ScopeLike] = None
         #: the lock timeout of scopes that do not set one (the plugin sets it from its settings)
         self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
-        self.scopes: list[RollbackScope] = []
+        self.scopes: list[ScopeLike] = []
         self.physicals: dict[DatabaseKey, Physical] = {}
         #: logical connections standing in for connections lent before the scope opened (see _adoption)
         self.adopted: list[Any] = []
@@ -47,12 +45,12 @@ class State:
         self._numbers = 0
         self._warned: set[Any] = set()
 
-    def push(self, scope: RollbackScope) -> None:
+    def push(self, scope: ScopeLike) -> None:
         with self._lock:
             self.scopes.append(scope)
             self.top = scope
 
-    def pop(self, scope: RollbackScope) -> None:
+    def pop(self, scope: ScopeLike) -> None:
         with self._lock:
             if not self.scopes or self.scopes[-1] is not scope:
                 raise ScopeError(
@@ -81,8 +79,9 @@ class State:
 
     def report(self, error: Optional[SaRollbackError]) -> None:
         """Keep an error that SQLAlchemy would swallow, so that the scope raises it at exit."""
-        if error is not None and self.top is not None:
-            self.top.errors.append(error)
+        top = self.top
+        if error is not None and top is not None:
+            top.report(error)
 
     def warn_once(self, key: Any, message: str) -> None:
         if key not in self._warned:
@@ -111,7 +110,7 @@ class State:
     def _identify(self, dbapi_connection: Any, pool: Any) -> tuple[Optional[Driver], Optional[DatabaseKey]]:
         driver = driver_for(dbapi_connection)
         if driver is None:
-            dialect = getattr(pool, "_dialect", None)
+            dialect = dialect_of(pool)
             name = f"{getattr(dialect, 'name', '?')}+{getattr(dialect, 'driver', '?')}"
             self.warn_once(
                 ("driver", name),
@@ -134,15 +133,13 @@ class State:
                 # It died; whatever it held is gone. Start over on a new one.
                 del self.physicals[key]
                 phys.close()
-            from sqlalchemy.pool.base import _ConnectionRecord
-
             # A record of the application's own pool gives a connection set up
             # exactly like the application's (dialect on_connect hooks, user
             # "connect" listeners), yet it never enters that pool's queue.
-            record = _ConnectionRecord(pool)
+            record = private_record(pool)
             conn = record.dbapi_connection
             driver.make_physical(conn)
-            phys = Physical(key, driver, conn, record)
+            phys = Physical(key, driver, conn, record, self)
             self.physicals[key] = phys
             return phys
 

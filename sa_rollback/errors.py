@@ -15,6 +15,10 @@ class SaRollbackError(Exception):
     """Base class of every error raised by sa_rollback."""
 
 
+class SaRollbackWarning(UserWarning):
+    """Something sa_rollback cannot isolate, or a setting it ignores."""
+
+
 class InterleavedRollbackError(SaRollbackError):
     """A rollback would also undo work that another connection committed later.
 
@@ -102,7 +106,7 @@ def caller_site(depth: int = 1) -> Optional[tuple[CodeType, int]]:
     until :func:`format_site` is called.
     """
     try:
-        frame: Optional[FrameType] = sys._getframe(depth + 1)
+        frame: Optional[FrameType] = sys._getframe(depth + 1)  # noqa: SLF001  (stdlib)
     except ValueError:  # called from near the bottom of the stack
         return None
     while frame is not None:

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import pytest
 
+from ._run import databases_key, scope_key, settings_key
 from ._scope import RollbackScope
 from ._settings import Settings
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+    from sqlalchemy.orm import Session, scoped_session
+
+    #: what db_session gives: a Session, or Flask-SQLAlchemy's scoped session (``_db.session``)
+    AnySession = Union[Session, scoped_session[Session]]
 
 
 @pytest.fixture(scope="session")
 def sa_rollback_settings(pytestconfig: pytest.Config) -> Settings:
     """The resolved sa_rollback settings of this run (a frozen dataclass)."""
-    from .plugin import settings_key
-
     return pytestconfig.stash[settings_key]
 
 
@@ -28,8 +34,6 @@ def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]
     when it closes. ``sa_rollback_scope.errors`` lists problems that SQLAlchemy
     would otherwise swallow; the test fails with the first one at teardown.
     """
-    from .plugin import scope_key
-
     scope: Optional[RollbackScope] = request.node.stash.get(scope_key, None)
     return scope
 
@@ -44,8 +48,6 @@ def sa_rollback_url(pytestconfig: pytest.Config) -> str:
     configured database are redirected to it. With no URL at all, it lives on
     an embedded PostgreSQL server started for the run.
     """
-    from .plugin import databases_key
-
     return pytestconfig.stash[databases_key].get().url_string()
 
 
@@ -57,8 +59,6 @@ def sa_rollback_make_database(pytestconfig: pytest.Config, sa_rollback_url: str)
     Each xdist worker gets its own; all are dropped at the end of the run. What
     tests write there is rolled back like everything else.
     """
-    from .plugin import databases_key
-
     databases = pytestconfig.stash[databases_key]
 
     def make(suffix: str) -> str:
@@ -68,7 +68,7 @@ def sa_rollback_make_database(pytestconfig: pytest.Config, sa_rollback_url: str)
 
 
 @pytest.fixture(scope="session")
-def sa_rollback_engine(sa_rollback_url: str) -> Generator[Any, None, None]:
+def sa_rollback_engine(sa_rollback_url: str) -> Generator[Engine, None, None]:
     """A SQLAlchemy engine on the test database, shared by the whole run."""
     import sqlalchemy
 
@@ -85,7 +85,7 @@ def _user_db(request: pytest.FixtureRequest) -> Any:
 
 
 @pytest.fixture
-def db_engine(request: pytest.FixtureRequest) -> Any:
+def db_engine(request: pytest.FixtureRequest) -> Engine:
     """An engine on the test database; what it writes is rolled back after the test.
 
     When the project defines a ``_db`` fixture (pytest-flask-sqlalchemy's
@@ -96,17 +96,19 @@ def db_engine(request: pytest.FixtureRequest) -> Any:
     db = _user_db(request)
     if db is not None:
         try:
-            return db.engine
+            engine: Engine = db.engine
+            return engine
         except RuntimeError as exc:
             raise ConfigurationError(
                 f"`_db.engine` failed: {exc}. Flask-SQLAlchemy 3 needs an application context; "
                 "request a fixture that pushes one (with app.app_context(): yield) before db_engine."
             ) from None
-    return request.getfixturevalue("sa_rollback_engine")
+    provided: Engine = request.getfixturevalue("sa_rollback_engine")
+    return provided
 
 
 @pytest.fixture
-def db_session(request: pytest.FixtureRequest) -> Generator[Any, None, None]:
+def db_session(request: pytest.FixtureRequest) -> Generator[AnySession, None, None]:
     """A SQLAlchemy session on the test database; commit freely, it is all rolled back.
 
     With a ``_db`` fixture (pytest-flask-sqlalchemy's convention) this is

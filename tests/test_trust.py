@@ -27,9 +27,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, StaticPool
 
 import sa_rollback
+from sa_rollback._physical import Physical
 from sa_rollback._proxy import LogicalConnection
 from sa_rollback._state import STATE
-from sa_rollback._transaction import Physical
 
 from .conftest import DB_A, libpq_dsn
 
@@ -50,7 +50,7 @@ def physical(engine: sa.Engine) -> Physical:
     with engine.connect() as conn:
         logical = conn.connection.dbapi_connection
         assert isinstance(logical, LogicalConnection)
-        return logical._phys
+        return logical.phys
 
 
 def read_only_of(real: Any) -> Any:
@@ -253,7 +253,7 @@ def test_detached_connection_joins_the_transaction(engine: sa.Engine) -> None:
         conn.commit()
         logical = conn.connection.dbapi_connection
         assert isinstance(logical, LogicalConnection)
-        guard = logical._guard
+        guard = logical.guard
         assert guard is not None and guard.detached
         with engine.connect() as other:
             assert names(other) == ["detached"]

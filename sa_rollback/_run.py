@@ -1,0 +1,108 @@
+"""This run's state, kept in ``config.stash``: the settings, each test's scope, the databases.
+
+Shared by the hooks (:mod:`.plugin`) and the fixtures (:mod:`.fixtures`), which
+both import it; it imports neither.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+import uuid
+from typing import Callable, Optional, TypeVar
+
+import pytest
+
+from ._scope import RollbackScope
+from ._settings import Settings
+from ._state import STATE
+from .databases import Plan, Provisioned, prepare, provision, teardown
+from .errors import SaRollbackError, SaRollbackWarning
+
+T = TypeVar("T")
+settings_key = pytest.StashKey[Settings]()
+#: the test's RollbackScope (None when the test runs without one); set when its first fixture is set up
+scope_key = pytest.StashKey[Optional[RollbackScope]]()
+#: (enabled, real_commits) of the test, from the settings and its marker
+mode_key = pytest.StashKey[tuple[bool, bool]]()
+databases_key = pytest.StashKey["Databases"]()
+
+
+def worker_id(config: pytest.Config) -> str:
+    """This process's xdist worker id ("gw0", ...), or "main" without xdist."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return str(workerinput["workerid"])
+    return "main"
+
+
+def is_xdist_controller(config: pytest.Config) -> bool:
+    if hasattr(config, "workerinput"):
+        return False
+    return bool(getattr(config.option, "numprocesses", None)) and getattr(config.option, "dist", "no") != "no"
+
+
+class Databases:
+    """This process's test database, provisioned once, on first need."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        workerinput = getattr(config, "workerinput", None)
+        self.run_id: str = (
+            workerinput["sa_rollback_run"]
+            if workerinput and "sa_rollback_run" in workerinput
+            else (os.environ.get("SA_ROLLBACK_RUN_ID") or uuid.uuid4().hex[:8])
+        )
+        self.worker = worker_id(config)
+        self.provisioned: Optional[Provisioned] = None
+        self._plan: Optional[Plan] = None
+        self.builds: list[tuple[str, float]] = []
+
+    def plan(self) -> Plan:
+        """Server and template, made once per process (the xdist controller makes it first)."""
+        if self._plan is None:
+            settings = self.settings
+            self._plan = self._guard(
+                lambda: prepare(
+                    url=settings.url,
+                    schema=settings.schema,
+                    server_dir=settings.server_dir,
+                    run_id=self.run_id,
+                    parallel=self.worker != "main" or is_xdist_controller(self.config),
+                    rebuild=settings.rebuild,
+                    on_build=lambda name, seconds: self.builds.append((name, seconds)),
+                )
+            )
+        return self._plan
+
+    def get(self) -> Provisioned:
+        if self.provisioned is None:
+            plan = self.plan()
+            self.provisioned = self._guard(lambda: provision(plan, self.run_id, self.worker))
+            if self.settings.export_env:
+                os.environ[self.settings.export_env] = self.provisioned.url_string()
+        return self.provisioned
+
+    @staticmethod
+    def _guard(step: Callable[[], T]) -> T:
+        try:
+            return step()
+        except SaRollbackError as exc:
+            raise pytest.UsageError(f"sa_rollback: {exc}") from None
+        except Exception:
+            raise pytest.UsageError(
+                "sa_rollback: setting up the test database failed:\n" + traceback.format_exc()
+            ) from None
+
+    def close(self) -> None:
+        STATE.close_all()
+        if self.provisioned is not None:
+            try:
+                teardown(self.provisioned)
+            except Exception as exc:
+                self.config.issue_config_time_warning(
+                    SaRollbackWarning(f"Dropping the test database {self.provisioned.database!r} failed: {exc}"),
+                    stacklevel=2,
+                )
+            self.provisioned = None
