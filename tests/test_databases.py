@@ -1,23 +1,34 @@
-"""Provisioning: server, schema template, per-worker clones, redirect, errors."""
+"""Provisioning: server, schema template, per-worker clones, redirect, errors.
+
+Every database this module makes is named after a random run id, so two runs of
+the suite on one server never touch each other's databases; it drops them all
+at the end.
+"""
 
 from __future__ import annotations
 
 import textwrap
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from sa_rollback import databases
+from sa_rollback import SaRollbackWarning
+from sa_rollback.databases import Janitor, Mark
 from sa_rollback.errors import DatabaseSetupError
 
 from .conftest import ADMIN_URL, libpq_dsn
 
-BASE = "sa_rollback_selftest_base"
+RUN = uuid.uuid4().hex[:8]
+BASE = f"sa_rollback_selftest_{RUN}_base"
 ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
+#: every base database this module configures; their templates and the bases themselves are dropped at the end
+BASES = [BASE]
 
 MODELS = """
 import sqlalchemy as sa
@@ -33,6 +44,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
 """
+USERS_SQL = "CREATE TABLE users (id serial PRIMARY KEY, name text UNIQUE);"
 
 SAME_ROW_TESTS = """
 import os
@@ -46,7 +58,7 @@ def test_same_row(db_session, i):
     db_session.commit()
     name = db_session.execute(sa.text("SELECT current_database()")).scalar()
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    with open(os.path.join(os.environ["OUT_DIR"], f"db-{worker}.txt"), "a") as out:
+    with open(os.path.join(os.environ["OUT_DIR"], f"db-{worker}.txt"), "a", encoding="utf-8") as out:
         out.write(name + "\\n")
 """
 
@@ -55,22 +67,46 @@ def admin() -> psycopg.Connection:
     return psycopg.connect(libpq_dsn("postgres"), autocommit=True)
 
 
-def base_url(driver: str = "psycopg") -> str:
-    return make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=BASE).render_as_string(False)
+def janitor() -> Janitor:
+    return Janitor(make_url(ADMIN_URL))
+
+
+def base_url(driver: str = "psycopg", database: str = BASE) -> str:
+    return make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=database).render_as_string(False)
+
+
+def new_base(label: str) -> str:
+    """A base database name of this run, dropped with everything made from it at the end."""
+    name = f"sa_rollback_selftest_{RUN}_{label}"
+    BASES.append(name)
+    return name
+
+
+def marked() -> list[tuple[str, Mark]]:
+    """The plugin's databases on the server; a concurrent run's malformed test mark is no error here."""
+    with warnings.catch_warnings(), janitor() as j:
+        warnings.simplefilter("ignore", SaRollbackWarning)
+        return j.marked()
+
+
+def clones_of(base: str) -> list[str]:
+    return [name for name, mark in marked() if mark.kind == "clone" and mark.belongs_to(base, name, "_sar_")]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _base_database() -> Iterator[None]:
     with admin() as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BASE,)).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{BASE}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BASE)))
     yield
-    with admin() as conn:
-        left = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s AND datname NOT LIKE %s",
-            (BASE + "_sar_%", "%_sar_tpl_%"),
-        ).fetchall()
-        assert left == [], f"clones left behind: {left}"
+    left = [name for base in BASES for name in clones_of(base)]
+    with warnings.catch_warnings(), janitor() as j:
+        warnings.simplefilter("ignore", SaRollbackWarning)
+        for name, mark in j.marked():
+            if mark.base in BASES or name in BASES:
+                j.drop(name)
+        for base in BASES:
+            j.conn.execute(j.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", base))
+    assert left == [], f"clones left behind: {left}"
 
 
 @pytest.fixture
@@ -78,12 +114,13 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     monkeypatch.setenv("SA_ROLLBACK_URL", base_url())
     monkeypatch.setenv("OUT_DIR", str(pytester.path))
     monkeypatch.delenv("SA_ROLLBACK_SCHEMA", raising=False)
+    monkeypatch.delenv("SA_ROLLBACK_RUN_ID", raising=False)
     pytester.makeconftest(ENABLE)
     return pytester
 
 
 def databases_used(path: Path) -> dict[str, set[str]]:
-    return {p.stem[3:]: set(p.read_text().split()) for p in path.glob("db-*.txt")}
+    return {p.stem[3:]: set(p.read_text(encoding="utf-8").splitlines()) for p in path.glob("db-*.txt")}
 
 
 def test_xdist_workers_get_their_own_clone_and_the_template_is_built_once(inner: pytest.Pytester) -> None:
@@ -134,6 +171,7 @@ def test_unchanged_schema_is_reused_and_a_changed_one_rebuilt(inner: pytest.Pyte
 
 def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monkeypatch) -> None:
     monkeypatch.setenv("APP_URL", base_url("psycopg2"))
+    monkeypatch.setenv("BASE_NAME", BASE)
     inner.makepyfile(
         models=MODELS,
         app="""
@@ -144,13 +182,14 @@ def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monk
         EXPORTED = os.environ["DATABASE_URL"]  # read at import, as many apps do
         """,
         test_app="""
+        import os
         import sqlalchemy as sa
         from app import EXPORTED, engine
 
         def test_redirected(sa_rollback_url):
             with engine.connect() as conn:
                 name = conn.execute(sa.text("SELECT current_database()")).scalar()
-            assert name != "sa_rollback_selftest_base"
+            assert name != os.environ["BASE_NAME"]
             assert name == sa.engine.make_url(sa_rollback_url).database
             assert EXPORTED == sa_rollback_url
             with engine.begin() as conn:
@@ -166,7 +205,7 @@ def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monk
 
 
 def test_sql_files_and_existing_database(inner: pytest.Pytester) -> None:
-    inner.makefile(".sql", schema="CREATE TABLE users (id serial PRIMARY KEY, name text UNIQUE);")
+    inner.makefile(".sql", schema=USERS_SQL)
     inner.makepyfile(test_rows=SAME_ROW_TESTS)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "sql:schema.sql")
     result.assert_outcomes(passed=6)
@@ -280,25 +319,31 @@ def test_embedded_server_with_zero_configuration(inner: pytest.Pytester, monkeyp
 def test_never_drops_or_replaces_a_database_it_did_not_create() -> None:
     name = f"{BASE}_foreign"
     with admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         try:
-            assert databases.drop_owned(conn, name) is False
-            server = databases.Server(admin_url=make_url(ADMIN_URL))
-            with pytest.raises(DatabaseSetupError, match="sa_rollback did not create it"):
-                databases.clone(server, BASE, name, "run")
+            with janitor() as j:
+                assert j.drop(name) is False
+                assert j.drop_if_unused(name) is False
+                with pytest.raises(DatabaseSetupError, match="sa_rollback did not create it"):
+                    j.replace(name, Mark.clone(BASE, RUN), template=BASE)
             assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
         finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def test_names_are_quoted_bounded_and_run_unique() -> None:
-    assert databases.quote_ident('we"ird') == '"we""ird"'
-    long_base = "x" * 80
-    assert len(databases.clone_name(long_base, "run1", "gw0")) <= 63
-    assert databases.clone_name(long_base, "run1", "gw0") != databases.clone_name(long_base, "run2", "gw0")
-    assert databases.template_name(long_base, "a" * 64) != databases.template_name(long_base, "b" * 64)
-    assert databases.safe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_janitor_quotes_identifiers_with_the_drivers_own_quoting(driver: str) -> None:
+    name = f'{BASE} we"ird; DROP DATABASE {BASE}'
+    url = make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}")
+    with Janitor(url) as j:
+        assert j.conn.driver.name == driver
+        j.create(name, Mark.clone(BASE, RUN), template=BASE)
+        try:
+            assert j.exists(name) and j.exists(BASE)
+            assert j.mark(name) == Mark.clone(BASE, RUN)
+        finally:
+            assert j.drop(name) is True
+        assert not j.exists(name) and j.exists(BASE)
 
 
 REAL_COMMIT_TESTS = """
@@ -360,27 +405,3 @@ def test_real_commit_mode_refuses_a_database_it_does_not_own(inner: pytest.Pytes
     result = inner.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*real_commits=True) restores a database sa_rollback created*--sa-schema*"])
-
-
-@pytest.mark.parametrize(
-    ("configured", "cparams"),
-    [
-        ("postgresql://u@localhost:5432/app", {"host": "127.0.0.1", "port": 5432, "dbname": "app"}),
-        ("postgresql://u@/app?host=/run/pg", {"host": "/run/pg", "dbname": "app"}),
-        ("postgresql://u@db.example:6543/app", {"host": "db.example", "port": "6543", "dbname": "app"}),
-    ],
-)
-def test_redirect_matches_host_port_and_name(configured: str, cparams: dict[str, object]) -> None:
-    redirect = databases._Redirect()
-    url = make_url(configured)
-    redirect._installed = True  # route table only; no listener in this process
-    redirect.add(url, "app", "app_clone")
-    params = dict(cparams)
-    redirect._on_connect(None, None, [], params)
-    assert params["dbname"] == "app_clone"
-    other = dict(cparams, dbname="other")
-    redirect._on_connect(None, None, [], other)
-    assert other["dbname"] == "other"
-    elsewhere = dict(cparams, port="1")
-    redirect._on_connect(None, None, [], elsewhere)
-    assert elsewhere["dbname"] == "app"
