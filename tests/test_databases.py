@@ -7,7 +7,9 @@ at the end.
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
+import time
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -19,7 +21,8 @@ from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from sa_rollback import SaRollbackWarning
-from sa_rollback.databases import Janitor, Mark
+from sa_rollback.databases import Janitor, Mark, clone_name, drop_dead_clones
+from sa_rollback.databases._names import HOSTNAME
 from sa_rollback.errors import DatabaseSetupError
 
 from .conftest import ADMIN_URL, libpq_dsn
@@ -75,11 +78,20 @@ def base_url(driver: str = "psycopg", database: str = BASE) -> str:
     return make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=database).render_as_string(False)
 
 
-def new_base(label: str) -> str:
-    """A base database name of this run, dropped with everything made from it at the end."""
-    name = f"sa_rollback_selftest_{RUN}_{label}"
+def new_base(name: str) -> str:
+    """Record a base database name of this run: it and everything made from it are dropped at the end."""
     BASES.append(name)
     return name
+
+
+def drop_made_from(base: str) -> None:
+    """Drop the databases the plugin made from ``base`` (its templates) and ``base`` itself."""
+    with warnings.catch_warnings(), janitor() as j:
+        warnings.simplefilter("ignore", SaRollbackWarning)
+        for name, mark in j.marked():
+            if mark.base == base:
+                j.drop(name)
+        j.conn.execute(j.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", base))
 
 
 def marked() -> list[tuple[str, Mark]]:
@@ -90,7 +102,11 @@ def marked() -> list[tuple[str, Mark]]:
 
 
 def clones_of(base: str) -> list[str]:
-    return [name for name, mark in marked() if mark.kind == "clone" and mark.belongs_to(base, name, "_sar_")]
+    return [
+        name
+        for name, mark in marked()
+        if mark.kind == "clone" and (mark.base == base or (mark.base is None and name.startswith(base + "_sar_")))
+    ]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,13 +115,8 @@ def _base_database() -> Iterator[None]:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BASE)))
     yield
     left = [name for base in BASES for name in clones_of(base)]
-    with warnings.catch_warnings(), janitor() as j:
-        warnings.simplefilter("ignore", SaRollbackWarning)
-        for name, mark in j.marked():
-            if mark.base in BASES or name in BASES:
-                j.drop(name)
-        for base in BASES:
-            j.conn.execute(j.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", base))
+    for base in BASES:
+        drop_made_from(base)
     assert left == [], f"clones left behind: {left}"
 
 
@@ -115,6 +126,7 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     monkeypatch.setenv("OUT_DIR", str(pytester.path))
     monkeypatch.delenv("SA_ROLLBACK_SCHEMA", raising=False)
     monkeypatch.delenv("SA_ROLLBACK_RUN_ID", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when this suite itself runs under xdist
     pytester.makeconftest(ENABLE)
     return pytester
 
@@ -276,7 +288,7 @@ def test_failing_schema_hook_shows_its_traceback_once(inner: pytest.Pytester, ex
 def test_unreachable_server_names_host_port_and_setting_without_password(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_x="def test_x(db_session):\n    pass\n")
     result = inner.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--sa-url", "postgresql://someone:s3cret@127.0.0.1:1/app"
+        "-p", "no:cacheprovider", "--sa-url", "postgresql://someone:s3cret%20word@127.0.0.1:1/app"
     )
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*PostgreSQL is unreachable at 127.0.0.1:1 as user someone*--sa-url*"])
@@ -286,7 +298,8 @@ def test_unreachable_server_names_host_port_and_setting_without_password(inner: 
 def test_role_without_createdb_gets_a_clear_error(inner: pytest.Pytester) -> None:
     with admin() as conn:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'sa_rollback_nocreate'").fetchone() is None:
-            conn.execute("CREATE ROLE sa_rollback_nocreate LOGIN NOCREATEDB")
+            with contextlib.suppress(psycopg.errors.DuplicateObject):  # a concurrent run made it
+                conn.execute("CREATE ROLE sa_rollback_nocreate LOGIN NOCREATEDB")
     url = make_url(base_url()).set(username="sa_rollback_nocreate").render_as_string(False)
     inner.makepyfile(models=MODELS, test_x="def test_x(db_session):\n    pass\n")
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-url", url, "--sa-schema", "models:Base")
@@ -405,3 +418,149 @@ def test_real_commit_mode_refuses_a_database_it_does_not_own(inner: pytest.Pytes
     result = inner.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*real_commits=True) restores a database sa_rollback created*--sa-schema*"])
+
+
+ONE_COMMIT = """
+import os
+import sqlalchemy as sa
+
+
+def test_commits(db_session):
+    db_session.execute(sa.text("INSERT INTO users (name) VALUES ('x')"))
+    db_session.commit()
+    name = db_session.execute(sa.text("SELECT current_database()")).scalar()
+    with open(os.path.join(os.environ["OUT_DIR"], "db-main.txt"), "w", encoding="utf-8") as out:
+        out.write(name)
+    if os.environ.get("CRASH"):
+        os._exit(1)  # no teardown, as when a run is killed
+"""
+
+
+def run_sql_schema(inner: pytest.Pytester, *args: str) -> pytest.RunResult:
+    inner.makefile(".sql", schema=USERS_SQL)
+    return inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "sql:schema.sql", *args)
+
+
+def test_multibyte_names_give_each_worker_its_own_clone(inner: pytest.Pytester, monkeypatch) -> None:
+    # 62 bytes, 35 characters: a cut by characters would leave names PostgreSQL truncates into one.
+    base = new_base("ü" * 27 + RUN)
+    monkeypatch.setenv("SA_ROLLBACK_URL", base_url(database=base))
+    monkeypatch.setenv("SA_ROLLBACK_RUN_ID", RUN)
+    inner.makepyfile(test_rows=SAME_ROW_TESTS)
+    result = run_sql_schema(inner, "-n", "2")
+    result.assert_outcomes(passed=6)
+    used = databases_used(inner.path)
+    assert used == {worker: {clone_name(base, RUN, worker)} for worker in ("gw0", "gw1")}
+    (template,) = [name for name, mark in marked() if mark.kind == "template" and mark.base == base]
+    result.stdout.fnmatch_lines([f"*built template {template} in*"])
+    for name in (template, *used["gw0"], *used["gw1"]):
+        assert len(name.encode()) <= 63 and name.startswith("ü" * 20)
+
+
+def test_clones_of_a_killed_run_are_found_by_their_mark_though_their_names_are_shortened(
+    inner: pytest.Pytester, monkeypatch
+) -> None:
+    base = new_base(f"sa_rollback_selftest_{RUN}_{'x' * 30}")  # 60 bytes: clone names get a hash
+    monkeypatch.setenv("SA_ROLLBACK_URL", base_url(database=base))
+    monkeypatch.setenv("CRASH", "1")
+    inner.makepyfile(test_one=ONE_COMMIT)
+    run_sql_schema(inner)
+    killed = (inner.path / "db-main.txt").read_text(encoding="utf-8")
+    assert "_sar_" not in killed and clones_of(base) == [killed]
+    monkeypatch.delenv("CRASH")
+    run_sql_schema(inner).assert_outcomes(passed=1)
+    assert (inner.path / "db-main.txt").read_text(encoding="utf-8") != killed
+    assert clones_of(base) == []
+
+
+def test_password_and_database_name_with_spaces(inner: pytest.Pytester, monkeypatch) -> None:
+    role, password = f"sa_rollback_selftest_{RUN}", "pass word"
+    base = new_base(f"sa_rollback_selftest_{RUN} with space")
+    with admin() as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
+        )
+    try:
+        url = make_url(base_url(database=base)).set(username=role, password=password)
+        monkeypatch.setenv("SA_ROLLBACK_URL", url.render_as_string(hide_password=False))
+        inner.makepyfile(test_one=ONE_COMMIT)
+        result = run_sql_schema(inner, "-v")
+        result.assert_outcomes(passed=1)
+        used = (inner.path / "db-main.txt").read_text(encoding="utf-8")
+        assert used.startswith(base + "_sar_")
+        output = result.stdout.str() + result.stderr.str()
+        assert "pass word" not in output and "pass%20word" not in output
+    finally:
+        drop_made_from(base)
+        with admin() as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_malformed_mark_is_not_ours_and_is_left_alone_with_a_warning(inner: pytest.Pytester) -> None:
+    name = f"{BASE}_sar_old_main"
+    with admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        # No pid: before the Mark type, reading it raised IndexError on every run.
+        comment = f"sa_rollback:clone run=old host={HOSTNAME}"
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
+    try:
+        with janitor() as j:
+            with pytest.warns(SaRollbackWarning, match=f"{name}.*cannot be read.*leaves it alone"):
+                assert j.drop(name) is False
+            with pytest.warns(SaRollbackWarning, match=name):
+                drop_dead_clones(j, BASE)
+            assert j.exists(name)
+        inner.makepyfile(test_rows=SAME_ROW_TESTS)
+        result = run_sql_schema(inner)
+        result.assert_outcomes(passed=6)
+        assert f"{name}' has a comment that looks like sa_rollback's mark" in result.stdout.str() + result.stderr.str()
+        with admin() as conn:
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
+    finally:
+        with admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_drop_refuses_new_connections_before_it_ends_the_open_ones() -> None:
+    name = f"{BASE}_busy"
+    with janitor() as j:
+        j.create(name, Mark.clone(BASE, RUN))
+    held = psycopg.connect(libpq_dsn(name), autocommit=True)
+    refusals: list[str] = []
+    with janitor() as j:
+        send = j.conn.execute
+
+        def execute(query: object, params: tuple[object, ...] | None = None) -> list[tuple[object, ...]]:
+            text = query if isinstance(query, str) else query.as_string(j.conn.raw)  # type: ignore[attr-defined]
+            if text.startswith("DROP DATABASE"):
+                # A pool reconnecting at this moment: it must be refused, not let in to make the DROP fail.
+                try:
+                    psycopg.connect(libpq_dsn(name), connect_timeout=5).close()
+                except psycopg.OperationalError as exc:
+                    refusals.append(str(exc))
+            return send(query, params)
+
+        j.conn.execute = execute  # type: ignore[method-assign]
+        started = time.monotonic()
+        assert j.drop(name) is True
+        assert time.monotonic() - started < 4  # a DROP that waits for a session gives up after 5 s
+        assert not j.exists(name)
+    assert len(refusals) == 1 and "not currently accepting connections" in refusals[0]
+    with pytest.raises(psycopg.OperationalError):
+        held.execute("SELECT 1")  # the session that was open is gone too
+    held.close()
+
+
+def test_a_failed_drop_leaves_the_database_accepting_connections() -> None:
+    name = f"{BASE}_kept"
+    with janitor() as j:
+        j.create(name, Mark.clone(BASE, RUN))
+        j.conn.execute(j.conn.compose("ALTER DATABASE {} IS_TEMPLATE true", name))
+        try:
+            with pytest.raises(psycopg.errors.WrongObjectType):  # a template cannot be dropped
+                j.drop(name)
+            assert j.exists(name)
+            psycopg.connect(libpq_dsn(name)).close()  # it accepts connections again
+        finally:
+            j.conn.execute(j.conn.compose("ALTER DATABASE {} IS_TEMPLATE false", name))
+            assert j.drop(name)

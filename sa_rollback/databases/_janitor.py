@@ -6,7 +6,7 @@ import hashlib
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Optional
 
 from sqlalchemy.engine import URL
@@ -43,8 +43,8 @@ class Janitor:
     """The plugin's hands on one server, through a single admin connection.
 
     ``with Janitor(admin_url) as janitor: ...`` connects once for everything
-    inside. Only databases that carry a readable :class:`Mark` are ever dropped,
-    renamed over or terminated.
+    inside. Only databases that carry a readable :class:`Mark` are ever dropped
+    or replaced.
     """
 
     def __init__(self, admin_url: URL, setting_hint: str = "the database URL") -> None:
@@ -167,17 +167,18 @@ class Janitor:
     def drop(self, name: str) -> bool:
         """Drop the database if, and only if, it carries the plugin's mark. Returns whether it did.
 
-        New connections are refused before the sessions are ended, so that a
-        pool reconnecting in between cannot make the DROP fail.
+        New connections are refused first: ``WITH (FORCE)`` ends the sessions
+        it finds, and a pool reconnecting after that would make the DROP wait
+        and fail. On failure the database accepts connections again.
         """
         if self.mark(name) is None:
             return False
         self._allow_connections(name, False)
         try:
-            self.terminate(name)
-            self.conn.execute(self.conn.compose("DROP DATABASE IF EXISTS {}", name))
+            self.conn.execute(self.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
         except BaseException:
-            self._allow_connections(name, True)
+            with suppress(Exception):
+                self._allow_connections(name, True)
             raise
         return True
 
