@@ -21,6 +21,11 @@ from sqlalchemy.engine import URL, make_url
 SERVER_URL = make_url(os.environ.get("SA_ROLLBACK_TEST_URL") or "postgresql://postgres@127.0.0.1:5432/postgres")
 DRIVERS = ("psycopg", "psycopg2")
 INSTALLED = [name for name in DRIVERS if importlib.util.find_spec(name) is not None]
+# Imported now, before any pytester fixture snapshots sys.modules: a driver first imported inside a
+# pytester test is dropped from sys.modules after it, and psycopg2.errors would then be re-imported
+# without the classes its C extension put there once.
+MODULES = {name: importlib.import_module(name) for name in INSTALLED}
+SQL = {name: importlib.import_module(f"{name}.sql") for name in INSTALLED}
 
 Query = Callable[..., list[tuple[Any, ...]]]
 
@@ -42,9 +47,8 @@ def server_url(dbapi: str, database: str) -> URL:
 @pytest.fixture
 def outside(dbapi: str) -> Iterator[Query]:
     """Queries on the server's maintenance database, through the driver under test, outside any plugin."""
-    module = importlib.import_module(dbapi)
     dsn = SERVER_URL.set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = module.connect(dsn)
+    conn = MODULES[dbapi].connect(dsn)
     conn.autocommit = True
 
     def query(statement: Any, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import DRIVERS, Query, server_url
+from .conftest import DRIVERS, MODULES, SQL, Query, server_url
 
 SCHEMA = "CREATE TABLE users (id serial PRIMARY KEY, name text UNIQUE NOT NULL);"
 
@@ -57,7 +56,7 @@ def base(dbapi: str, outside: Query) -> Iterator[str]:
     """The project's database name; it never exists: the schema comes from SQL, tests run on clones."""
     name = f"sa_rollback_single_{dbapi}_{uuid.uuid4().hex[:8]}"
     yield name
-    sql = importlib.import_module(f"{dbapi}.sql")
+    sql = SQL[dbapi]
     for template in marked_like(outside, "template", name):
         outside(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(template)))
 
@@ -84,22 +83,26 @@ def test_a_project_with_only_this_driver(
     project: pytest.Pytester, outside: Query, dbapi: str, base: str, workers: tuple[str, ...]
 ) -> None:
     url = server_url(dbapi, base).render_as_string(hide_password=False)
-    result = project.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--sa-url", url, "--sa-schema", "sql:schema.sql", *workers
-    )
-    result.assert_outcomes(passed=4)
+    args = ("-p", "no:cacheprovider", "--sa-url", url, "--sa-schema", "sql:schema.sql")
+    project.runpytest_subprocess(*args, *workers).assert_outcomes(passed=4)
     used = databases_used(project.path)
     assert set(used) == ({"gw0", "gw1"} if workers else {"main"})
     names = [name for names in used.values() for name in names]
     assert all(len(names) == 1 for names in used.values())  # one clone per process
     assert len(set(names)) == len(names) and all(name.startswith(base + "_sar_") for name in names)
     # From outside: the clones are gone, the template stayed clean, the configured database never existed.
-    assert outside("SELECT datname FROM pg_database WHERE datname = ANY(%s)", (names,)) == []
+    left = [name for name in names if outside("SELECT 1 FROM pg_database WHERE datname = %s", (name,))]
+    if workers and left:
+        # A worker drops its clone in pytest_unconfigure, after it has reported to the controller; on a
+        # busy machine xdist may end the worker first. The next run drops such clones (their process
+        # is gone): that must hold, whatever the timing.
+        project.runpytest_subprocess(*args).assert_outcomes(passed=4)
+        left = [name for name in names if outside("SELECT 1 FROM pg_database WHERE datname = %s", (name,))]
+    assert left == []
     assert marked_like(outside, "clone", base) == []
     (template,) = marked_like(outside, "template", base)
     assert outside("SELECT 1 FROM pg_database WHERE datname = %s", (base,)) == []
-    module = importlib.import_module(dbapi)
-    conn = module.connect(server_url(dbapi, template).set(drivername="postgresql").render_as_string(False))
+    conn = MODULES[dbapi].connect(server_url(dbapi, template).set(drivername="postgresql").render_as_string(False))
     try:
         with conn.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM users")
