@@ -473,15 +473,16 @@ def test_clones_of_a_killed_run_are_found_by_their_mark_though_their_names_are_s
     assert clones_of(base) == []
 
 
-def test_password_and_database_name_with_spaces(inner: pytest.Pytester, monkeypatch) -> None:
-    role, password = f"sa_rollback_selftest_{RUN}", "pass word"
-    base = new_base(f"sa_rollback_selftest_{RUN} with space")
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_password_and_database_name_with_spaces(inner: pytest.Pytester, monkeypatch, driver: str) -> None:
+    role, password = f"sa_rollback_selftest_{RUN}_{driver}", "pass word"
+    base = new_base(f"sa_rollback_selftest_{RUN} with space {driver}")
     with admin() as conn:
         conn.execute(
             sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
         )
     try:
-        url = make_url(base_url(database=base)).set(username=role, password=password)
+        url = make_url(base_url(driver, base)).set(username=role, password=password)
         monkeypatch.setenv("SA_ROLLBACK_URL", url.render_as_string(hide_password=False))
         inner.makepyfile(test_one=ONE_COMMIT)
         result = run_sql_schema(inner, "-v")
