@@ -1,23 +1,37 @@
-"""Provisioning: server, schema template, per-worker clones, redirect, errors."""
+"""Provisioning: server, schema template, per-worker clones, redirect, errors.
+
+Every database this module makes is named after a random run id, so two runs of
+the suite on one server never touch each other's databases; it drops them all
+at the end.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
-from sa_rollback import databases
+from sa_rollback import SaRollbackWarning
+from sa_rollback.databases import Janitor, Mark, clone_name, drop_dead_clones
+from sa_rollback.databases._names import HOSTNAME
 from sa_rollback.errors import DatabaseSetupError
 
 from .conftest import ADMIN_URL, libpq_dsn
 
-BASE = "sa_rollback_selftest_base"
+RUN = uuid.uuid4().hex[:8]
+BASE = f"sa_rollback_selftest_{RUN}_base"
 ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
+#: every base database this module configures; their templates and the bases themselves are dropped at the end
+BASES = [BASE]
 
 MODELS = """
 import sqlalchemy as sa
@@ -33,6 +47,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(unique=True)
 """
+USERS_SQL = "CREATE TABLE users (id serial PRIMARY KEY, name text UNIQUE);"
 
 SAME_ROW_TESTS = """
 import os
@@ -46,7 +61,7 @@ def test_same_row(db_session, i):
     db_session.commit()
     name = db_session.execute(sa.text("SELECT current_database()")).scalar()
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    with open(os.path.join(os.environ["OUT_DIR"], f"db-{worker}.txt"), "a") as out:
+    with open(os.path.join(os.environ["OUT_DIR"], f"db-{worker}.txt"), "a", encoding="utf-8") as out:
         out.write(name + "\\n")
 """
 
@@ -55,22 +70,54 @@ def admin() -> psycopg.Connection:
     return psycopg.connect(libpq_dsn("postgres"), autocommit=True)
 
 
-def base_url(driver: str = "psycopg") -> str:
-    return make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=BASE).render_as_string(False)
+def janitor() -> Janitor:
+    return Janitor(make_url(ADMIN_URL))
+
+
+def base_url(driver: str = "psycopg", database: str = BASE) -> str:
+    return make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=database).render_as_string(False)
+
+
+def new_base(name: str) -> str:
+    """Record a base database name of this run: it and everything made from it are dropped at the end."""
+    BASES.append(name)
+    return name
+
+
+def drop_made_from(base: str) -> None:
+    """Drop the databases the plugin made from ``base`` (its templates) and ``base`` itself."""
+    with warnings.catch_warnings(), janitor() as j:
+        warnings.simplefilter("ignore", SaRollbackWarning)
+        for name, mark in j.marked():
+            if mark.base == base:
+                j.drop(name)
+        j.conn.execute(j.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", base))
+
+
+def marked() -> list[tuple[str, Mark]]:
+    """The plugin's databases on the server; a concurrent run's malformed test mark is no error here."""
+    with warnings.catch_warnings(), janitor() as j:
+        warnings.simplefilter("ignore", SaRollbackWarning)
+        return j.marked()
+
+
+def clones_of(base: str) -> list[str]:
+    return [
+        name
+        for name, mark in marked()
+        if mark.kind == "clone" and (mark.base == base or (mark.base is None and name.startswith(base + "_sar_")))
+    ]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _base_database() -> Iterator[None]:
     with admin() as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (BASE,)).fetchone() is None:
-            conn.execute(f'CREATE DATABASE "{BASE}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BASE)))
     yield
-    with admin() as conn:
-        left = conn.execute(
-            "SELECT datname FROM pg_database WHERE datname LIKE %s AND datname NOT LIKE %s",
-            (BASE + "_sar_%", "%_sar_tpl_%"),
-        ).fetchall()
-        assert left == [], f"clones left behind: {left}"
+    left = [name for base in BASES for name in clones_of(base)]
+    for base in BASES:
+        drop_made_from(base)
+    assert left == [], f"clones left behind: {left}"
 
 
 @pytest.fixture
@@ -78,12 +125,14 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.
     monkeypatch.setenv("SA_ROLLBACK_URL", base_url())
     monkeypatch.setenv("OUT_DIR", str(pytester.path))
     monkeypatch.delenv("SA_ROLLBACK_SCHEMA", raising=False)
+    monkeypatch.delenv("SA_ROLLBACK_RUN_ID", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # when this suite itself runs under xdist
     pytester.makeconftest(ENABLE)
     return pytester
 
 
 def databases_used(path: Path) -> dict[str, set[str]]:
-    return {p.stem[3:]: set(p.read_text().split()) for p in path.glob("db-*.txt")}
+    return {p.stem[3:]: set(p.read_text(encoding="utf-8").splitlines()) for p in path.glob("db-*.txt")}
 
 
 def test_xdist_workers_get_their_own_clone_and_the_template_is_built_once(inner: pytest.Pytester) -> None:
@@ -134,6 +183,7 @@ def test_unchanged_schema_is_reused_and_a_changed_one_rebuilt(inner: pytest.Pyte
 
 def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monkeypatch) -> None:
     monkeypatch.setenv("APP_URL", base_url("psycopg2"))
+    monkeypatch.setenv("BASE_NAME", BASE)
     inner.makepyfile(
         models=MODELS,
         app="""
@@ -144,13 +194,14 @@ def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monk
         EXPORTED = os.environ["DATABASE_URL"]  # read at import, as many apps do
         """,
         test_app="""
+        import os
         import sqlalchemy as sa
         from app import EXPORTED, engine
 
         def test_redirected(sa_rollback_url):
             with engine.connect() as conn:
                 name = conn.execute(sa.text("SELECT current_database()")).scalar()
-            assert name != "sa_rollback_selftest_base"
+            assert name != os.environ["BASE_NAME"]
             assert name == sa.engine.make_url(sa_rollback_url).database
             assert EXPORTED == sa_rollback_url
             with engine.begin() as conn:
@@ -166,7 +217,7 @@ def test_application_url_is_redirected_and_exported(inner: pytest.Pytester, monk
 
 
 def test_sql_files_and_existing_database(inner: pytest.Pytester) -> None:
-    inner.makefile(".sql", schema="CREATE TABLE users (id serial PRIMARY KEY, name text UNIQUE);")
+    inner.makefile(".sql", schema=USERS_SQL)
     inner.makepyfile(test_rows=SAME_ROW_TESTS)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "sql:schema.sql")
     result.assert_outcomes(passed=6)
@@ -237,7 +288,7 @@ def test_failing_schema_hook_shows_its_traceback_once(inner: pytest.Pytester, ex
 def test_unreachable_server_names_host_port_and_setting_without_password(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_x="def test_x(db_session):\n    pass\n")
     result = inner.runpytest_subprocess(
-        "-p", "no:cacheprovider", "--sa-url", "postgresql://someone:s3cret@127.0.0.1:1/app"
+        "-p", "no:cacheprovider", "--sa-url", "postgresql://someone:s3cret%20word@127.0.0.1:1/app"
     )
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*PostgreSQL is unreachable at 127.0.0.1:1 as user someone*--sa-url*"])
@@ -247,7 +298,8 @@ def test_unreachable_server_names_host_port_and_setting_without_password(inner: 
 def test_role_without_createdb_gets_a_clear_error(inner: pytest.Pytester) -> None:
     with admin() as conn:
         if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'sa_rollback_nocreate'").fetchone() is None:
-            conn.execute("CREATE ROLE sa_rollback_nocreate LOGIN NOCREATEDB")
+            with contextlib.suppress(psycopg.errors.DuplicateObject):  # a concurrent run made it
+                conn.execute("CREATE ROLE sa_rollback_nocreate LOGIN NOCREATEDB")
     url = make_url(base_url()).set(username="sa_rollback_nocreate").render_as_string(False)
     inner.makepyfile(models=MODELS, test_x="def test_x(db_session):\n    pass\n")
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-url", url, "--sa-schema", "models:Base")
@@ -280,25 +332,31 @@ def test_embedded_server_with_zero_configuration(inner: pytest.Pytester, monkeyp
 def test_never_drops_or_replaces_a_database_it_did_not_create() -> None:
     name = f"{BASE}_foreign"
     with admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         try:
-            assert databases.drop_owned(conn, name) is False
-            server = databases.Server(admin_url=make_url(ADMIN_URL))
-            with pytest.raises(DatabaseSetupError, match="sa_rollback did not create it"):
-                databases.clone(server, BASE, name, "run")
+            with janitor() as j:
+                assert j.drop(name) is False
+                assert j.drop_if_unused(name) is False
+                with pytest.raises(DatabaseSetupError, match="sa_rollback did not create it"):
+                    j.replace(name, Mark.clone(BASE, RUN), template=BASE)
             assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
         finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def test_names_are_quoted_bounded_and_run_unique() -> None:
-    assert databases.quote_ident('we"ird') == '"we""ird"'
-    long_base = "x" * 80
-    assert len(databases.clone_name(long_base, "run1", "gw0")) <= 63
-    assert databases.clone_name(long_base, "run1", "gw0") != databases.clone_name(long_base, "run2", "gw0")
-    assert databases.template_name(long_base, "a" * 64) != databases.template_name(long_base, "b" * 64)
-    assert databases.safe_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_janitor_quotes_identifiers_with_the_drivers_own_quoting(driver: str) -> None:
+    name = f'{BASE} we"ird; DROP DATABASE {BASE}'
+    url = make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}")
+    with Janitor(url) as j:
+        assert j.conn.driver.name == driver
+        j.create(name, Mark.clone(BASE, RUN), template=BASE)
+        try:
+            assert j.exists(name) and j.exists(BASE)
+            assert j.mark(name) == Mark.clone(BASE, RUN)
+        finally:
+            assert j.drop(name) is True
+        assert not j.exists(name) and j.exists(BASE)
 
 
 REAL_COMMIT_TESTS = """
@@ -362,25 +420,148 @@ def test_real_commit_mode_refuses_a_database_it_does_not_own(inner: pytest.Pytes
     result.stdout.fnmatch_lines(["*real_commits=True) restores a database sa_rollback created*--sa-schema*"])
 
 
-@pytest.mark.parametrize(
-    ("configured", "cparams"),
-    [
-        ("postgresql://u@localhost:5432/app", {"host": "127.0.0.1", "port": 5432, "dbname": "app"}),
-        ("postgresql://u@/app?host=/run/pg", {"host": "/run/pg", "dbname": "app"}),
-        ("postgresql://u@db.example:6543/app", {"host": "db.example", "port": "6543", "dbname": "app"}),
-    ],
-)
-def test_redirect_matches_host_port_and_name(configured: str, cparams: dict[str, object]) -> None:
-    redirect = databases._Redirect()
-    url = make_url(configured)
-    redirect._installed = True  # route table only; no listener in this process
-    redirect.add(url, "app", "app_clone")
-    params = dict(cparams)
-    redirect._on_connect(None, None, [], params)
-    assert params["dbname"] == "app_clone"
-    other = dict(cparams, dbname="other")
-    redirect._on_connect(None, None, [], other)
-    assert other["dbname"] == "other"
-    elsewhere = dict(cparams, port="1")
-    redirect._on_connect(None, None, [], elsewhere)
-    assert elsewhere["dbname"] == "app"
+ONE_COMMIT = """
+import os
+import sqlalchemy as sa
+
+
+def test_commits(db_session):
+    db_session.execute(sa.text("INSERT INTO users (name) VALUES ('x')"))
+    db_session.commit()
+    name = db_session.execute(sa.text("SELECT current_database()")).scalar()
+    with open(os.path.join(os.environ["OUT_DIR"], "db-main.txt"), "w", encoding="utf-8") as out:
+        out.write(name)
+    if os.environ.get("CRASH"):
+        os._exit(1)  # no teardown, as when a run is killed
+"""
+
+
+def run_sql_schema(inner: pytest.Pytester, *args: str) -> pytest.RunResult:
+    inner.makefile(".sql", schema=USERS_SQL)
+    return inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "sql:schema.sql", *args)
+
+
+def test_multibyte_names_give_each_worker_its_own_clone(inner: pytest.Pytester, monkeypatch) -> None:
+    # 62 bytes, 35 characters: a cut by characters would leave names PostgreSQL truncates into one.
+    base = new_base("ü" * 27 + RUN)
+    monkeypatch.setenv("SA_ROLLBACK_URL", base_url(database=base))
+    monkeypatch.setenv("SA_ROLLBACK_RUN_ID", RUN)
+    inner.makepyfile(test_rows=SAME_ROW_TESTS)
+    result = run_sql_schema(inner, "-n", "2")
+    result.assert_outcomes(passed=6)
+    used = databases_used(inner.path)
+    assert used == {worker: {clone_name(base, RUN, worker)} for worker in ("gw0", "gw1")}
+    (template,) = [name for name, mark in marked() if mark.kind == "template" and mark.base == base]
+    result.stdout.fnmatch_lines([f"*built template {template} in*"])
+    for name in (template, *used["gw0"], *used["gw1"]):
+        assert len(name.encode()) <= 63 and name.startswith("ü" * 20)
+
+
+def test_clones_of_a_killed_run_are_found_by_their_mark_though_their_names_are_shortened(
+    inner: pytest.Pytester, monkeypatch
+) -> None:
+    base = new_base(f"sa_rollback_selftest_{RUN}_{'x' * 30}")  # 60 bytes: clone names get a hash
+    monkeypatch.setenv("SA_ROLLBACK_URL", base_url(database=base))
+    monkeypatch.setenv("CRASH", "1")
+    inner.makepyfile(test_one=ONE_COMMIT)
+    run_sql_schema(inner)
+    killed = (inner.path / "db-main.txt").read_text(encoding="utf-8")
+    assert "_sar_" not in killed and clones_of(base) == [killed]
+    monkeypatch.delenv("CRASH")
+    run_sql_schema(inner).assert_outcomes(passed=1)
+    assert (inner.path / "db-main.txt").read_text(encoding="utf-8") != killed
+    assert clones_of(base) == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_password_and_database_name_with_spaces(inner: pytest.Pytester, monkeypatch, driver: str) -> None:
+    role, password = f"sa_rollback_selftest_{RUN}_{driver}", "pass word"
+    base = new_base(f"sa_rollback_selftest_{RUN} with space {driver}")
+    with admin() as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(sql.Identifier(role), sql.Literal(password))
+        )
+    try:
+        url = make_url(base_url(driver, base)).set(username=role, password=password)
+        monkeypatch.setenv("SA_ROLLBACK_URL", url.render_as_string(hide_password=False))
+        inner.makepyfile(test_one=ONE_COMMIT)
+        result = run_sql_schema(inner, "-v")
+        result.assert_outcomes(passed=1)
+        used = (inner.path / "db-main.txt").read_text(encoding="utf-8")
+        assert used.startswith(base + "_sar_")
+        output = result.stdout.str() + result.stderr.str()
+        assert "pass word" not in output and "pass%20word" not in output
+    finally:
+        drop_made_from(base)
+        with admin() as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_malformed_mark_is_not_ours_and_is_left_alone_with_a_warning(inner: pytest.Pytester) -> None:
+    name = f"{BASE}_sar_old_main"
+    with admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        # No pid: before the Mark type, reading it raised IndexError on every run.
+        comment = f"sa_rollback:clone run=old host={HOSTNAME}"
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
+    try:
+        with janitor() as j:
+            with pytest.warns(SaRollbackWarning, match=f"{name}.*cannot be read.*leaves it alone"):
+                assert j.drop(name) is False
+            with pytest.warns(SaRollbackWarning, match=name):
+                drop_dead_clones(j, BASE)
+            assert j.exists(name)
+        inner.makepyfile(test_rows=SAME_ROW_TESTS)
+        result = run_sql_schema(inner)
+        result.assert_outcomes(passed=6)
+        assert f"{name}' has a comment that looks like sa_rollback's mark" in result.stdout.str() + result.stderr.str()
+        with admin() as conn:
+            assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() == (1,)
+    finally:
+        with admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_drop_refuses_new_connections_before_it_ends_the_open_ones() -> None:
+    name = f"{BASE}_busy"
+    with janitor() as j:
+        j.create(name, Mark.clone(BASE, RUN))
+    held = psycopg.connect(libpq_dsn(name), autocommit=True)
+    refusals: list[str] = []
+    with janitor() as j:
+        send = j.conn.execute
+
+        def execute(query: object, params: tuple[object, ...] | None = None) -> list[tuple[object, ...]]:
+            text = query if isinstance(query, str) else query.as_string(j.conn.raw)  # type: ignore[attr-defined]
+            if text.startswith("DROP DATABASE"):
+                # A pool reconnecting at this moment: it must be refused, not let in to make the DROP fail.
+                try:
+                    psycopg.connect(libpq_dsn(name), connect_timeout=5).close()
+                except psycopg.OperationalError as exc:
+                    refusals.append(str(exc))
+            return send(query, params)
+
+        j.conn.execute = execute  # type: ignore[method-assign]
+        started = time.monotonic()
+        assert j.drop(name) is True
+        assert time.monotonic() - started < 4  # a DROP that waits for a session gives up after 5 s
+        assert not j.exists(name)
+    assert len(refusals) == 1 and "not currently accepting connections" in refusals[0]
+    with pytest.raises(psycopg.OperationalError):
+        held.execute("SELECT 1")  # the session that was open is gone too
+    held.close()
+
+
+def test_a_failed_drop_leaves_the_database_accepting_connections() -> None:
+    name = f"{BASE}_kept"
+    with janitor() as j:
+        j.create(name, Mark.clone(BASE, RUN))
+        j.conn.execute(j.conn.compose("ALTER DATABASE {} IS_TEMPLATE true", name))
+        try:
+            with pytest.raises(psycopg.errors.WrongObjectType):  # a template cannot be dropped
+                j.drop(name)
+            assert j.exists(name)
+            psycopg.connect(libpq_dsn(name)).close()  # it accepts connections again
+        finally:
+            j.conn.execute(j.conn.compose("ALTER DATABASE {} IS_TEMPLATE false", name))
+            assert j.drop(name)

@@ -1,0 +1,217 @@
+"""The janitor: one admin connection that creates, clones, marks and drops databases."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Optional
+
+from sqlalchemy.engine import URL
+
+from .. import SaRollbackWarning
+from ..errors import DatabaseSetupError
+from ._admin import INSUFFICIENT_PRIVILEGE, OBJECT_IN_USE, AdminConnection, admin_driver, sqlstate
+from ._names import PREFIX, MalformedMark, Mark
+
+_TERMINATE = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+
+
+def not_ours(name: str) -> DatabaseSetupError:
+    return DatabaseSetupError(
+        f"A database named {name!r} exists but sa_rollback did not create it; it will not be replaced. "
+        "Rename it, or use another database name."
+    )
+
+
+def unreachable(url: URL, exc: BaseException, setting_hint: str) -> DatabaseSetupError:
+    """Which server was tried, as whom, why it failed and which setting to change; no password."""
+    socket_dir = url.query.get("host")
+    host = url.host or (str(socket_dir) if socket_dir else "the local socket")
+    reason = " ".join(str(exc).split()).rstrip(".?")
+    if url.password:
+        reason = reason.replace(url.password, "***")
+    return DatabaseSetupError(
+        f"PostgreSQL is unreachable at {host}:{url.port or 5432} as user {url.username or '(default)'} "
+        f"({reason}). Start the server or change {setting_hint}."
+    )
+
+
+class Janitor:
+    """The plugin's hands on one server, through a single admin connection.
+
+    ``with Janitor(admin_url) as janitor: ...`` connects once for everything
+    inside. Only databases that carry a readable :class:`Mark` are ever dropped
+    or replaced.
+    """
+
+    def __init__(self, admin_url: URL, setting_hint: str = "the database URL") -> None:
+        self.url = admin_url
+        self.setting_hint = setting_hint
+        self._conn: Optional[AdminConnection] = None
+
+    def __enter__(self) -> Janitor:
+        # The driver is chosen outside the try: a missing driver is its own error, not an unreachable server.
+        driver = admin_driver(self.url)
+        try:
+            self._conn = driver.connect(self.url)
+        except driver.module.Error as exc:
+            raise unreachable(self.url, exc, self.setting_hint) from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> AdminConnection:
+        if self._conn is None:
+            raise RuntimeError("the janitor is used outside its 'with' block")
+        return self._conn
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+
+    def mark(self, name: str) -> Optional[Mark]:
+        """The database's mark; None when it does not exist or is not the plugin's."""
+        rows = self.conn.execute(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+        )
+        return self._read(name, rows[0][0]) if rows else None
+
+    def marked(self) -> list[tuple[str, Mark]]:
+        """Every database on the server that carries the plugin's mark, whatever its name."""
+        rows = self.conn.execute(
+            "SELECT datname, description FROM ("
+            " SELECT datname, shobj_description(oid, 'pg_database') AS description FROM pg_database"
+            ") AS d WHERE starts_with(description, %s) ORDER BY datname",
+            (PREFIX,),
+        )
+        found = []
+        for name, comment in rows:
+            mark = self._read(name, comment)
+            if mark is not None:
+                found.append((name, mark))
+        return found
+
+    @staticmethod
+    def _read(name: str, comment: Optional[str]) -> Optional[Mark]:
+        try:
+            return Mark.parse(comment)
+        except MalformedMark as exc:
+            warnings.warn(
+                f"The database {name!r} has a comment that looks like sa_rollback's mark but cannot be read "
+                f"({exc}): sa_rollback treats it as not its own and leaves it alone. Drop it, or change its "
+                "comment, if sa_rollback did make it.",
+                SaRollbackWarning,
+                stacklevel=3,
+            )
+            return None
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def create(self, name: str, mark: Mark, template: Optional[str] = None, timeout: float = 30.0) -> None:
+        """CREATE DATABASE (from ``template``, if given) and mark it.
+
+        A template that another session is cloning or building is busy; retry
+        until ``timeout``.
+        """
+        if template is None:
+            statement = self.conn.compose("CREATE DATABASE {}", name)
+        else:
+            statement = self.conn.compose("CREATE DATABASE {} TEMPLATE {}", name, template)
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            try:
+                self.conn.execute(statement)
+                break
+            except self.conn.driver.module.Error as exc:
+                code = sqlstate(exc)
+                if code == INSUFFICIENT_PRIVILEGE:
+                    raise DatabaseSetupError(
+                        f"The role may not create databases (CREATE DATABASE {name!r} was refused). "
+                        "Grant it with ALTER ROLE ... CREATEDB, or point --sa-url at a server where it may."
+                    ) from None
+                if code != OBJECT_IN_USE:
+                    raise
+                if time.monotonic() > deadline:
+                    raise DatabaseSetupError(
+                        f"Could not clone {template!r}: other sessions stayed connected to it for {timeout:.0f} s. "
+                        "Close connections to the template database (psql, an IDE) and run again."
+                    ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        self.set_mark(name, mark)
+
+    def set_mark(self, name: str, mark: Mark) -> None:
+        # COMMENT takes no bound parameters; the driver quotes the literal.
+        sql = self.conn.sql
+        self.conn.execute(
+            sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(mark.render()))
+        )
+
+    def terminate(self, name: str) -> None:
+        """End every other session on the database."""
+        self.conn.execute(_TERMINATE, (name,))
+
+    def _allow_connections(self, name: str, allow: bool) -> None:
+        statement = "ALTER DATABASE {} ALLOW_CONNECTIONS " + ("true" if allow else "false")
+        self.conn.execute(self.conn.compose(statement, name))
+
+    def drop(self, name: str) -> bool:
+        """Drop the database if, and only if, it carries the plugin's mark. Returns whether it did.
+
+        New connections are refused first: ``WITH (FORCE)`` ends the sessions
+        it finds, and a pool reconnecting after that would make the DROP wait
+        and fail. On failure the database accepts connections again.
+        """
+        if self.mark(name) is None:
+            return False
+        self._allow_connections(name, False)
+        try:
+            self.conn.execute(self.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
+        except BaseException:
+            with suppress(Exception):
+                self._allow_connections(name, True)
+            raise
+        return True
+
+    def drop_if_unused(self, name: str) -> bool:
+        """Drop a database of the plugin's that nobody is connected to; leave it alone otherwise."""
+        if self.mark(name) is None:
+            return False
+        if self.conn.execute("SELECT 1 FROM pg_stat_activity WHERE datname = %s", (name,)):
+            return False
+        try:
+            self.conn.execute(self.conn.compose("DROP DATABASE {}", name))
+        except self.conn.driver.module.Error as exc:
+            # Someone connected in between, or it belongs to another role: leave it.
+            if sqlstate(exc) in (OBJECT_IN_USE, INSUFFICIENT_PRIVILEGE):
+                return False
+            raise
+        return True
+
+    def replace(self, name: str, mark: Mark, template: Optional[str] = None) -> None:
+        """Create the database, dropping an earlier one of the plugin's by that name first."""
+        if self.exists(name) and not self.drop(name):
+            raise not_ours(name)
+        self.create(name, mark, template)
+
+    def rename(self, old: str, new: str) -> None:
+        self.conn.execute(self.conn.compose("ALTER DATABASE {} RENAME TO {}", old, new))
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """A server-wide advisory lock: it serializes xdist workers and separate runs alike."""
+        number = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        self.conn.execute("SELECT pg_advisory_lock(%s)", (number,))
+        try:
+            yield
+        finally:
+            self.conn.execute("SELECT pg_advisory_unlock(%s)", (number,))

@@ -1,0 +1,155 @@
+"""Database names and the ownership mark every database the plugin creates carries.
+
+The mark is the ``COMMENT ON DATABASE`` text: ``sa_rollback:<kind> key=value ...``.
+It alone says whether a database is the plugin's, whatever its name: names may
+be shortened with a hash, and a user may name a database of their own like ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import quote, unquote
+
+from ..errors import SaRollbackError
+
+PREFIX = "sa_rollback:"
+#: PostgreSQL keeps the first 63 bytes of an identifier and silently drops the rest
+MAX_IDENTIFIER_BYTES = 63
+HOSTNAME = socket.gethostname()
+
+#: the keys each kind must carry; other keys are kept but not required
+_REQUIRED = {
+    "base": (),
+    "template": ("fp", "run", "state"),
+    "clone": ("run", "host", "pid"),
+}
+_STATES = ("building", "ready")
+
+
+class MalformedMark(SaRollbackError):
+    """A ``COMMENT`` starts like the plugin's mark but cannot be read: the database is not ours."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The ownership mark of a database the plugin created."""
+
+    kind: str
+    #: the configured (or embedded) database the template or clone belongs to
+    base: Optional[str] = None
+    fp: Optional[str] = None
+    run: Optional[str] = None
+    state: Optional[str] = None
+    host: Optional[str] = None
+    pid: Optional[int] = None
+
+    @classmethod
+    def template(cls, base: str, fingerprint: str, run: str, ready: bool) -> Mark:
+        return cls("template", base=base, fp=fingerprint, run=run, state="ready" if ready else "building")
+
+    @classmethod
+    def clone(cls, base: str, run: str) -> Mark:
+        """A database of this process: it may be dropped once the process is gone."""
+        return cls("clone", base=base, run=run, host=HOSTNAME, pid=os.getpid())
+
+    def render(self) -> str:
+        # Values are percent-quoted so that a space in a database name or run id cannot
+        # split a field; marks of earlier versions had no such values and read the same.
+        fields = [
+            f"{key}={quote(str(value), safe='')}"
+            for key, value in (
+                ("fp", self.fp),
+                ("run", self.run),
+                ("state", self.state),
+                ("host", self.host),
+                ("pid", self.pid),
+                ("base", self.base),
+            )
+            if value is not None
+        ]
+        return " ".join([PREFIX + self.kind, *fields])
+
+    @classmethod
+    def parse(cls, comment: Optional[str]) -> Optional[Mark]:
+        """The mark in a database comment; None for a database without one.
+
+        Raises :class:`MalformedMark` for a comment that starts like a mark but
+        cannot be read (a missing field, a pid that is not a number).
+        """
+        if not comment or not comment.startswith(PREFIX):
+            return None
+        tokens = comment[len(PREFIX) :].split()
+        kind = tokens.pop(0) if tokens else ""
+        if kind not in _REQUIRED:
+            raise MalformedMark(f"unknown kind {kind!r}")
+        values: dict[str, str] = {}
+        for token in tokens:
+            key, sep, value = token.partition("=")
+            if not sep or not key:
+                raise MalformedMark(f"{token!r} is not key=value")
+            values[key] = unquote(value)
+        missing = [key for key in _REQUIRED[kind] if not values.get(key)]
+        if missing:
+            raise MalformedMark(f"no {', '.join(missing)}")
+        if kind == "template" and values["state"] not in _STATES:
+            raise MalformedMark(f"unknown state {values['state']!r}")
+        pid: Optional[int] = None
+        if "pid" in values:
+            try:
+                pid = int(values["pid"])
+            except ValueError:
+                raise MalformedMark(f"pid {values['pid']!r} is not a number") from None
+        return cls(
+            kind,
+            base=values.get("base"),
+            fp=values.get("fp"),
+            run=values.get("run"),
+            state=values.get("state"),
+            host=values.get("host"),
+            pid=pid,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    def belongs_to(self, base: str, name: str, infix: str) -> bool:
+        """Whether this database belongs to ``base``. Marks written before the base was
+        recorded are matched by their name, which then always started with it."""
+        if self.base is not None:
+            return self.base == base
+        return name.startswith(base + infix)
+
+
+def shorten(name: str, limit: int = MAX_IDENTIFIER_BYTES) -> str:
+    """``name`` if it fits in ``limit`` bytes of UTF-8, else its start and a hash of the whole.
+
+    Cut by bytes, as PostgreSQL does, and never inside a character: a name
+    PostgreSQL would truncate could otherwise lose the part that makes it unique.
+    """
+    encoded = name.encode()
+    if len(encoded) <= limit:
+        return name
+    suffix = "_" + hashlib.sha256(encoded).hexdigest()[:8]
+    head = encoded[: limit - len(suffix)].decode("utf-8", errors="ignore")
+    return head + suffix
+
+
+def template_name(base: str, fingerprint: str) -> str:
+    return shorten(f"{base}_sar_tpl_{fingerprint[:12]}")
+
+
+def clone_name(base: str, run_id: str, worker: str) -> str:
+    return shorten(f"{base}_sar_{run_id}_{worker}")
+
+
+def extra_name(database: str, suffix: str) -> str:
+    return shorten(f"{database}_{suffix}")
+
+
+def snapshot_name(database: str) -> str:
+    return shorten(f"{database}_snap")

@@ -1,0 +1,208 @@
+"""One run's databases: prepare the server and template, provide a clone per process, drop it.
+
+Nothing here knows about pytest: the plugin calls :func:`prepare` once (in the
+xdist controller, or the serial process), :func:`provision` in each process
+that runs tests, and :func:`teardown` at its end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from sqlalchemy.engine import URL, make_url
+
+from ._janitor import Janitor, not_ours
+from ._listeners import REDIRECT
+from ._names import HOSTNAME, Mark, clone_name, extra_name, template_name
+from ._schema import SchemaSource, existing, schema_source
+from ._server import Server, resolve_server
+
+#: the base database of the embedded server, where no database is configured
+EMBEDDED_BASE = "sa_rollback"
+
+
+def ensure_empty_base(janitor: Janitor, base: str) -> None:
+    """The embedded server's empty base database, created on first use."""
+    with janitor.lock(f"sa_rollback base {base}"):
+        if not janitor.exists(base):
+            janitor.create(base, Mark("base"))
+
+
+def ensure_template(
+    janitor: Janitor,
+    server: Server,
+    base: str,
+    source: SchemaSource,
+    run_id: str,
+    rebuild: bool,
+    on_build: Optional[Callable[[str, float], None]] = None,
+) -> str:
+    """Build the template for ``source`` unless an up-to-date one exists. Returns its name."""
+    if source.kind == "existing":
+        return base
+    name = template_name(base, source.fingerprint)
+    with janitor.lock(f"sa_rollback template {name}"):
+        if janitor.exists(name):
+            mark = janitor.mark(name)
+            if mark is None:
+                raise not_ours(name)
+            fresh = mark.kind == "template" and mark.ready
+            if fresh and not (rebuild and mark.run != run_id):
+                return name
+            janitor.drop(name)
+        # Templates of the same base built from older versions of the schema.
+        for other, mark in janitor.marked():
+            if mark.kind == "template" and other != name and mark.belongs_to(base, other, "_sar_tpl_"):
+                janitor.drop_if_unused(other)  # in use: a concurrent run on an older schema needs it
+        started = time.perf_counter()
+        janitor.create(name, Mark.template(base, source.fingerprint, run_id, ready=False))
+        try:
+            source.build(server.url_for(name))
+        except BaseException:
+            janitor.drop(name)
+            raise
+        janitor.set_mark(name, Mark.template(base, source.fingerprint, run_id, ready=True))
+        if on_build is not None:
+            on_build(name, time.perf_counter() - started)
+    return name
+
+
+def drop_dead_clones(janitor: Janitor, base: str) -> None:
+    """Drop clones of ``base`` left on the server by crashed processes of this host.
+
+    They are found by their mark, whatever their name (a long name is shortened
+    with a hash). A clone whose process may still be alive is left alone.
+    """
+    for name, mark in janitor.marked():
+        if mark.kind != "clone" or mark.host != HOSTNAME or not mark.belongs_to(base, name, "_sar_"):
+            continue
+        if mark.pid is None or mark.pid == os.getpid() or _alive(mark.pid):
+            continue
+        try:
+            janitor.drop(name)
+        except Exception:
+            pass  # another process of this run is dropping it too
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Provisioned:
+    """What :func:`provision` set up for this process."""
+
+    server: Server
+    url: URL
+    database: str
+    created: bool
+    timings: dict[str, float]
+    #: the template it was cloned from (None when the configured database is used as it is)
+    template: Optional[str] = None
+    #: further empty databases made for this process (see :meth:`extra`)
+    extras: list[str] = field(default_factory=list)
+    #: the configured (or embedded) database whose clone this is
+    base: Optional[str] = None
+
+    def extra(self, suffix: str, run_id: str) -> URL:
+        """An empty database of this process's own, named after its main one; dropped with it."""
+        name = extra_name(self.database, suffix)
+        if name not in self.extras:
+            with Janitor(self.server.admin_url) as janitor:
+                janitor.replace(name, Mark.clone(self.base or self.database, run_id))
+            self.extras.append(name)
+        return self.url.set(database=name)
+
+    def url_string(self) -> str:
+        return self.url.render_as_string(hide_password=False)
+
+    def owned(self) -> list[str]:
+        """The databases of this process that sa_rollback created."""
+        return ([self.database] if self.created else []) + self.extras
+
+
+@dataclass
+class Plan:
+    """The server, base database and template of a run, before any clone."""
+
+    server: Server
+    driver_url: URL
+    base: str
+    configured: Optional[str]
+    template: Optional[str]
+    timings: dict[str, float]
+
+
+def prepare(
+    url: Optional[str],
+    schema: Optional[str],
+    server_dir: Path,
+    run_id: str,
+    parallel: bool,
+    rebuild: bool = False,
+    on_build: Optional[Callable[[str, float], None]] = None,
+) -> Plan:
+    """Start or find the server and build the template if needed; clone nothing.
+
+    The xdist controller calls this before the workers start, so a failing
+    schema build is reported once, and the workers only clone.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    server, configured = resolve_server(url, server_dir)
+    timings["server"] = time.perf_counter() - started
+    hint = "--sa-url / SA_ROLLBACK_URL / the sa_rollback_url ini key" if url else "--sa-server-dir"
+    with Janitor(server.admin_url, hint) as janitor:
+        source = schema_source(schema)
+        driver_url = make_url(url) if url else server.admin_url
+        if configured is None:
+            base = EMBEDDED_BASE
+            ensure_empty_base(janitor, base)
+        else:
+            base = configured
+        if source is None and configured is not None and not parallel:
+            # A configured database, no schema to build, one process: use it as it is.
+            return Plan(server, driver_url, base, configured, None, timings)
+        started = time.perf_counter()
+        template = ensure_template(janitor, server, base, source or existing(), run_id, rebuild, on_build)
+        timings["template"] = time.perf_counter() - started
+    return Plan(server, driver_url, base, configured, template, timings)
+
+
+def provision(plan: Plan, run_id: str, worker: str) -> Provisioned:
+    """Provide this process's test database from the plan that :func:`prepare` made."""
+    server = plan.server
+    timings = dict(plan.timings)
+    if plan.template is None:
+        return Provisioned(server, plan.driver_url.set(database=plan.base), plan.base, False, timings)
+    database = clone_name(plan.base, run_id, worker)
+    with Janitor(server.admin_url) as janitor:
+        drop_dead_clones(janitor, plan.base)
+        started = time.perf_counter()
+        janitor.replace(database, Mark.clone(plan.base, run_id), template=plan.template)
+        timings["clone"] = time.perf_counter() - started
+    if plan.configured is not None:
+        REDIRECT.add(plan.driver_url, plan.configured, database)
+    url = plan.driver_url.set(database=database)
+    return Provisioned(server, url, database, True, timings, plan.template, base=plan.base)
+
+
+def teardown(provisioned: Provisioned) -> None:
+    """Drop this process's clone (the server keeps running until the last process exits)."""
+    REDIRECT.clear()
+    owned = provisioned.owned()
+    if not owned:
+        return
+    with Janitor(provisioned.server.admin_url) as janitor:
+        for name in owned:
+            janitor.drop(name)

@@ -1,0 +1,202 @@
+"""Where the schema comes from, and its fingerprint.
+
+The fingerprint names the template database: an unchanged source finds its
+template by name, and a changed one gets a new template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sqlalchemy.engine import URL
+
+from ..errors import ConfigurationError, DatabaseSetupError
+from ._admin import connect
+
+
+@dataclass
+class SchemaSource:
+    """Where the schema comes from, and its fingerprint."""
+
+    kind: str  # "metadata", "alembic", "sql", "hook", "existing", "empty"
+    spec: str
+    fingerprint: str
+    build: Callable[[URL], None] = field(repr=False)
+
+
+def _import_object(path: str, what: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"{what} {path!r} must look like 'package.module:name'.")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:
+        raise ConfigurationError(
+            f"{what} {path!r}: importing {module_name!r} failed:\n{traceback.format_exc()}"
+        ) from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"{what} {path!r}: {module_name!r} has no attribute {attr!r}.") from None
+    return obj
+
+
+def _digest(*parts: str | bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _metadata_source(spec: str) -> SchemaSource:
+    import sqlalchemy as sa
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    obj = _import_object(spec, "The schema")
+    metadata = getattr(obj, "metadata", obj)
+    if not isinstance(metadata, sa.MetaData):
+        raise ConfigurationError(
+            f"The schema {spec!r} is a {type(obj).__name__}, not a MetaData or a declarative base."
+        )
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    ddl = []
+    for table in metadata.sorted_tables:
+        ddl.append(str(CreateTable(table).compile(dialect=dialect)))
+        ddl.extend(str(CreateIndex(index).compile(dialect=dialect)) for index in table.indexes)
+
+    def build(url: URL) -> None:
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                metadata.create_all(conn)
+        finally:
+            engine.dispose()
+
+    return SchemaSource("metadata", spec, _digest("metadata", *ddl), build)
+
+
+def _alembic_source(spec: str) -> SchemaSource:
+    try:
+        from alembic import command
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+    except ImportError:
+        raise ConfigurationError(f'The schema {spec!r} needs Alembic: pip install "sa-rollback[alembic]".') from None
+    ini = Path(spec)
+    if not ini.is_file():
+        raise ConfigurationError(f"The Alembic configuration {spec!r} does not exist.")
+    config = Config(str(ini))
+    script = ScriptDirectory.from_config(config)
+    heads = sorted(script.get_heads())
+    if len(heads) > 1:
+        raise ConfigurationError(
+            f"Alembic has several heads ({', '.join(heads)}); merge them (alembic merge heads) "
+            "so that the test schema is well defined."
+        )
+    files = sorted(Path(script.versions).rglob("*.py"))
+    parts: list[str | bytes] = ["alembic", *heads]
+    for path in files:
+        parts.extend((str(path.relative_to(script.versions)), path.read_bytes()))
+    env_py = Path(script.dir) / "env.py"
+    if env_py.is_file():
+        parts.append(env_py.read_bytes())
+
+    def build(url: URL) -> None:
+        import sqlalchemy as sa
+
+        cfg = Config(str(ini))
+        rendered = url.render_as_string(hide_password=False)
+        cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                # env.py files that follow the Alembic cookbook use a given connection.
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+            with engine.connect() as conn:
+                current = set(conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars())
+        finally:
+            engine.dispose()
+        if current != set(heads):
+            raise DatabaseSetupError(
+                f"After 'alembic upgrade head' the database is at {sorted(current)}, but the scripts' "
+                f"head is {heads}. Check that env.py migrates the URL or connection it is given."
+            )
+
+    return SchemaSource("alembic", spec, _digest(*parts), build)
+
+
+def _sql_source(spec: str) -> SchemaSource:
+    paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise ConfigurationError("The schema 'sql:' names no file.")
+    for path in paths:
+        if not path.is_file():
+            raise ConfigurationError(f"The schema file {str(path)!r} does not exist.")
+    contents = [path.read_bytes() for path in paths]
+
+    def build(url: URL) -> None:
+        # One transaction: a file that fails leaves no half-built template behind.
+        with connect(url, autocommit=False) as conn:
+            for path, text in zip(paths, contents):
+                try:
+                    conn.execute(text.decode())
+                except Exception as exc:
+                    raise DatabaseSetupError(f"The schema file {str(path)!r} failed: {exc}") from None
+            conn.commit()
+
+    return SchemaSource("sql", spec, _digest("sql", *contents), build)
+
+
+def _hook_source(spec: str) -> SchemaSource:
+    func = _import_object(spec, "The schema hook")
+    if not callable(func):
+        raise ConfigurationError(f"The schema hook {spec!r} is not callable.")
+    try:
+        source = inspect.getsource(inspect.getmodule(func))  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        source = spec
+    fingerprint = getattr(func, "sa_rollback_fingerprint", None) or _digest("hook", spec, source)
+
+    def build(url: URL) -> None:
+        func(url.render_as_string(hide_password=False))
+
+    return SchemaSource("hook", spec, str(fingerprint), build)
+
+
+def existing() -> SchemaSource:
+    """The configured database as it stands: nothing to build, it is cloned itself."""
+    return SchemaSource("existing", "existing", "", lambda url: None)
+
+
+def schema_source(spec: Optional[str]) -> Optional[SchemaSource]:
+    """Parse the schema setting; None means "no schema to build"."""
+    if not spec:
+        return None
+    kind, sep, rest = spec.partition(":")
+    if spec == "existing":
+        return existing()
+    if sep and kind == "alembic":
+        return _alembic_source(rest)
+    if sep and kind == "sql":
+        return _sql_source(rest)
+    if sep and kind == "hook":
+        return _hook_source(rest)
+    if sep and kind == "metadata" and ":" in rest:
+        return _metadata_source(rest)
+    if sep:
+        return _metadata_source(spec)
+    raise ConfigurationError(
+        f"The schema setting {spec!r} is not understood. Use 'package.module:Base', "
+        "'alembic:path/alembic.ini', 'sql:schema.sql', 'hook:package.module:function' or 'existing'."
+    )

