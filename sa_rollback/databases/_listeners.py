@@ -12,6 +12,8 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
+from .._sqla import record_pool
+
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 
 
@@ -33,7 +35,7 @@ class _Pools:
         self._installed = True
 
     def _on_connect(self, dbapi_connection: Any, connection_record: Any) -> None:
-        pool = getattr(connection_record, "_ConnectionRecord__pool", None)
+        pool = record_pool(connection_record)
         if pool is not None:
             self.pools.add(pool)
 
