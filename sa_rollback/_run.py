@@ -26,6 +26,8 @@ scope_key = pytest.StashKey[Optional[RollbackScope]]()
 #: (enabled, real_commits) of the test, from the settings and its marker
 mode_key = pytest.StashKey[tuple[bool, bool]]()
 databases_key = pytest.StashKey["Databases"]()
+#: the pytest scope (0 function ... 4 session) of each rollback scope the plugin opened, by id
+ranks_key = pytest.StashKey[dict[int, int]]()
 
 
 def worker_id(config: pytest.Config) -> str:

@@ -99,6 +99,11 @@ class RollbackScope:
                 )
         self._physicals.append(phys)
 
+    @property
+    def used_databases(self) -> bool:
+        """Has anything run on a database inside this scope yet?"""
+        return bool(self._physicals)
+
     def __enter__(self) -> RollbackScope:
         if self._open:
             raise SaRollbackError(f"{self!r} is already open; create a new scope to nest.")
@@ -161,22 +166,29 @@ def rollback_scope(
 
 
 @contextmanager
-def suspended() -> Iterator[None]:
-    """Let connections through for real for a while: a wider-scoped fixture set up during a test.
+def suspended(keep: int = 0) -> Iterator[None]:
+    """Set aside all but the ``keep`` outermost open scopes for a while: a wider fixture's setup.
 
-    Adopted connections are released for the time, unless the test wrote
-    through them and has not committed, so that such a fixture's work through
-    them is real too; afterwards they are adopted again, with whatever the
-    fixture checked out and still holds.
+    With none kept, connections go through for real. Adopted connections are
+    then released for the time, unless the test wrote through them and has not
+    committed, so that such a fixture's work through them is real too;
+    afterwards they are adopted again, with whatever the fixture checked out
+    and still holds.
     """
     top = STATE.top
-    if top is None:
+    if top is None or keep >= len(STATE.scopes):
         yield
         return
-    for error in release_adopted(STATE, keep=lambda logical: logical.holds_work()):
-        top.report(error)
+    if keep == 0:
+        for error in release_adopted(STATE, keep=lambda logical: logical.holds_work()):
+            top.report(error)
     try:
-        with STATE.suspended():
+        with STATE.suspended(keep):
             yield
     finally:
         adopt_noted(STATE)
+
+
+def open_scopes() -> list[RollbackScope]:
+    """The open scopes, outermost first."""
+    return [scope for scope in STATE.scopes if isinstance(scope, RollbackScope)]

@@ -61,15 +61,20 @@ class State:
             self.top = self.scopes[-1] if self.scopes else None
 
     @contextmanager
-    def suspended(self) -> Iterator[None]:
-        """Let connections through for real for a while (wider-scoped fixture setup)."""
+    def suspended(self, keep: int = 0) -> Iterator[None]:
+        """Set aside all but the ``keep`` outermost scopes for a while (a wider-scoped fixture's setup).
+
+        Scopes opened meanwhile nest inside the kept ones; the set-aside ones
+        come back on top of them.
+        """
         with self._lock:
-            saved, self.scopes, self.top = self.scopes, [], None
+            saved, self.scopes = self.scopes[keep:], self.scopes[:keep]
+            self.top = self.scopes[-1] if self.scopes else None
         try:
             yield
         finally:
             with self._lock:
-                self.scopes = saved + self.scopes
+                self.scopes = self.scopes + saved
                 self.top = self.scopes[-1] if self.scopes else None
 
     def next_number(self) -> int:

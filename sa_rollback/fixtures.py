@@ -139,3 +139,44 @@ def db_session(request: pytest.FixtureRequest) -> Generator[AnySession, None, No
         yield session
     finally:
         session.close()
+
+
+@pytest.fixture(scope="session")
+def sa_rollback_session_scope() -> None:
+    """Request it from a session fixture to roll back what that fixture writes at the end of the run.
+
+    ``def tenant(sa_rollback_session_scope): ...``: the fixture (and the fixtures
+    it requests) runs in a rollback scope of its own that lives as long as pytest
+    keeps the fixture. Every test sees its data as the fixture left it, in a
+    scope nested inside, so what a test writes is undone before the next one.
+    Scopes nest: session, package, module, class, test. A wider fixture that
+    requests none of the ``sa_rollback_*_scope`` fixtures commits for real.
+    """
+
+
+@pytest.fixture(scope="package")
+def sa_rollback_package_scope() -> None:
+    """Request it from a package fixture to roll back what that fixture writes when the package ends.
+
+    Works as ``sa_rollback_session_scope`` does, for one package.
+    """
+
+
+@pytest.fixture(scope="module")
+def sa_rollback_module_scope() -> None:
+    """Request it from a module fixture to roll back what that fixture writes when the module ends.
+
+    ``def catalog(sa_rollback_module_scope): return load_catalog()``: the tests
+    of the module see the catalog exactly as the fixture left it, their own
+    writes are undone after each test, and after the module the catalog is
+    gone. A parametrized fixture's data goes when its parameter changes.
+    """
+
+
+@pytest.fixture(scope="class")
+def sa_rollback_class_scope() -> None:
+    """Request it from a class fixture to roll back what that fixture writes when the class ends.
+
+    Works as ``sa_rollback_module_scope`` does, for one test class (Django's
+    ``setUpTestData``).
+    """

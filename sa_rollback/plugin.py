@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Generator
-from typing import Any, Callable
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Optional
 
 import pytest
 
-from ._run import Databases, databases_key, is_xdist_controller, mode_key, scope_key, settings_key
-from ._scope import RollbackScope, suspended
+from ._run import Databases, databases_key, is_xdist_controller, mode_key, ranks_key, scope_key, settings_key
+from ._scope import RollbackScope, open_scopes, suspended
 from ._settings import OPTIONS, resolve
 from ._state import STATE
-from .errors import ConfigurationError, SaRollbackWarning
+from .errors import ConfigurationError, SaRollbackWarning, ScopeError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
     db_engine,
     db_session,
+    sa_rollback_class_scope,
     sa_rollback_engine,
     sa_rollback_make_database,
+    sa_rollback_module_scope,
+    sa_rollback_package_scope,
     sa_rollback_scope,
+    sa_rollback_session_scope,
     sa_rollback_settings,
     sa_rollback_url,
 )
@@ -59,6 +64,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ini=lambda key: config.getini(key),
     )
     config.stash[settings_key] = settings
+    config.stash[ranks_key] = {}
     databases = Databases(config, settings)
     config.stash[databases_key] = databases
     if config.pluginmanager.hasplugin("xdist"):
@@ -135,7 +141,7 @@ def _begin(item: pytest.Item) -> None:
     """Open the test's scope (or snapshot for real commits); the item's teardown closes it.
 
     Called when the first function-scoped fixture of the test is set up, or
-    when the test is called if it has none: after every wider fixture, before
+    at the end of its setup if it has none: after every wider fixture, before
     every function fixture. The finalizer is registered before any function
     fixture's, so it runs after all of them and before wider ones are torn down.
     """
@@ -144,6 +150,14 @@ def _begin(item: pytest.Item) -> None:
     if not enabled:
         return
     if real_commits:
+        for outer in open_scopes():
+            raise ConfigurationError(
+                f"@pytest.mark.sa_rollback(real_commits=True) on {item.nodeid}: the test runs inside "
+                f"{outer.label!r}, whose data is rolled back when it ends. Real commits would make "
+                "that data permanent, and restoring the database afterwards would drop it before "
+                "its scope ends. Move the test where no sa_rollback_*_scope fixture is in use (another "
+                "module or class), or drop real_commits=True."
+            )
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
@@ -177,44 +191,148 @@ def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
     return restore
 
 
+#: the fixtures a wider fixture requests to have its writes rolled back when it ends, by pytest scope
+DATA_FIXTURES = {
+    "sa_rollback_class_scope": "class",
+    "sa_rollback_module_scope": "module",
+    "sa_rollback_package_scope": "package",
+    "sa_rollback_session_scope": "session",
+}
+#: pytest scopes, narrowest first
+_RANK = {"function": 0, "class": 1, "module": 2, "package": 3, "session": 4}
+
+
+def _holds_data(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> bool:
+    """Does the fixture request one of DATA_FIXTURES, directly or through the fixtures it requests?"""
+    # The test's fixture closure; pytest keeps it private, but has had it for years.
+    closure: dict[str, Any] = getattr(request, "_arg2fixturedefs", {})
+    seen: set[str] = set()
+    todo = list(fixturedef.argnames)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in DATA_FIXTURES:
+            return True
+        for definition in closure.get(name, ())[-1:]:
+            todo.extend(definition.argnames)
+    return False
+
+
+def _open_data_scope(fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest) -> int:
+    """Where the fixture's own scope goes: how many open scopes are at least as wide as it.
+
+    Raises when a narrower scope that must be set aside already ran
+    statements: the new scope could only go on top of it, and its data would
+    go with that narrower scope's rollback.
+    """
+    ranks = request.config.stash[ranks_key]
+    rank = _RANK[fixturedef.scope]
+    scopes = open_scopes()
+    keep = 0
+    while keep < len(scopes) and ranks.get(id(scopes[keep]), 0) >= rank:
+        keep += 1
+    for narrower in scopes[keep:]:
+        if narrower.used_databases:
+            raise ScopeError(
+                f"The {fixturedef.scope}-scoped fixture {fixturedef.argname!r} holds rolled-back data "
+                f"(it requests an sa_rollback_*_scope fixture), but it is set up only now, inside "
+                f"{narrower.label!r}, which has already used the database. Its data would be rolled "
+                "back with that narrower scope. Request it before: in the test's arguments, or in a "
+                "fixture the test requests, rather than through request.getfixturevalue() later."
+            )
+    return keep
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(
     fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
 ) -> Generator[None, Any, Any]:
-    """Open the test's scope before its first function fixture; keep wider fixtures out of it.
+    """Open the test's scope before its first function fixture; put each wider fixture where it belongs.
 
-    A session fixture requested for the first time by a test (directly or
-    through ``request.getfixturevalue``) must commit for real, or its data would
-    vanish after that first test.
+    A wider fixture that requests an ``sa_rollback_*_scope`` fixture (or
+    requests a fixture that does) runs in a rollback scope of its own, nested
+    in the open ones at least as wide, and rolled back when pytest tears it
+    down. Any other wider fixture runs outside every scope and commits for
+    real, even when a test requests it first (directly or through
+    ``request.getfixturevalue``), or its data would vanish after that test.
     """
     if fixturedef.scope == "function":
         item = request.node
         if scope_key not in item.stash:
             _begin(item)
         return (yield)
-    if STATE.top is None:
+    settings = request.config.stash[settings_key]
+    if fixturedef.argname in DATA_FIXTURES or not settings.enabled:
         return (yield)
-    with suspended():
+    if not _holds_data(fixturedef, request):
+        outside = _Outside()
+        request.addfinalizer(outside.leave)  # runs after the fixture's own teardown
+        if STATE.top is None:
+            result = yield
+        else:
+            with suspended():
+                result = yield
+        request.addfinalizer(outside.enter)  # runs before it
+        return result
+    keep = _open_data_scope(fixturedef, request)
+    with suspended(keep):
+        label = f"{fixturedef.argname} ({fixturedef.scope} fixture)"
+        scope = RollbackScope(label, check_deferred=settings.check_deferred).__enter__()
+        request.config.stash[ranks_key][id(scope)] = _RANK[fixturedef.scope]
+        # Registered before the fixture's own teardown, so it runs after it.
+        request.addfinalizer(lambda: _close_data_scope(request.config, scope))
         return (yield)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Read the marker once, before any fixture: a typo is a setup error of that test."""
+class _Outside:
+    """Runs a wider fixture's teardown outside every scope, as its setup ran: its commits are real."""
+
+    def __init__(self) -> None:
+        self._suspension: Optional[AbstractContextManager[None]] = None
+
+    def enter(self) -> None:
+        self._suspension = suspended()
+        self._suspension.__enter__()
+
+    def leave(self) -> None:
+        suspension, self._suspension = self._suspension, None
+        if suspension is not None:
+            suspension.__exit__(None, None, None)
+
+
+def _close_data_scope(config: pytest.Config, scope: RollbackScope) -> None:
+    config.stash[ranks_key].pop(id(scope), None)
+    scope.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    """Read the marker before any fixture; open the test's scope by the end of its setup.
+
+    A test without function fixtures gets its scope once every wider fixture
+    is set up. A bad marker, or a refusal, is a setup error of that test: it
+    is raised after the other plugins' setup, whose teardown runs regardless.
+    """
     settings = item.config.stash[settings_key]
     mode = (settings.enabled, False)
+    error: Optional[ConfigurationError] = None
     marker = item.get_closest_marker("sa_rollback")
     if marker is not None and settings.enabled:
         try:
             mode = _marker_args(*marker.args, **marker.kwargs)
         except TypeError as exc:
-            raise ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}") from None
-    item.stash[mode_key] = mode
+            error = ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}")
+            mode = (True, False)  # its fixtures' writes still roll back
     if mode[0] and mode[1]:
-        _check_restorable(item)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_call(item: pytest.Item) -> None:
+        try:
+            _check_restorable(item)
+        except ConfigurationError as exc:
+            error, mode = exc, (True, False)
+    item.stash[mode_key] = mode
+    yield
+    if error is not None:
+        raise error
     if scope_key not in item.stash:
         _begin(item)

@@ -24,4 +24,4 @@ def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...]) ->
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "9 passed" in output, output
+    assert "12 passed" in output, output

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from .inner_projects import FLASK_APP
+
 pytestmark = pytest.mark.usefixtures("_inner_env")
 
 ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
@@ -216,30 +218,8 @@ def test_flask_sqlalchemy_with_a_module_wide_app_context(pytester: pytest.Pytest
     """The migration case: pytest-flask-sqlalchemy's `_db` / `db_session`, one app context per module."""
     pytester.makeconftest(
         ENABLE
+        + FLASK_APP
         + """
-import os
-import pytest
-from flask import Flask
-from flask_sqlalchemy import SQLAlchemy
-
-db = SQLAlchemy()
-
-
-class Item(db.Model):
-    __tablename__ = "items"
-    id = db.Column(db.Integer, primary_key=True)
-    name = db.Column(db.String, nullable=False)
-    qty = db.Column(db.Integer, nullable=False, default=0)
-
-
-@pytest.fixture(scope="module")
-def app():
-    app = Flask(__name__)
-    app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["INNER_URL"]
-    db.init_app(app)
-    with app.app_context():
-        yield app
-
 
 @pytest.fixture(scope="module")
 def _db(app):
