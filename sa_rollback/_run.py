@@ -16,7 +16,7 @@ import pytest
 from ._scope import RollbackScope
 from ._settings import Settings
 from ._state import STATE
-from .databases import Plan, Provisioned, prepare, provision, teardown
+from .databases import Plan, Provisioned, drop_run_clones, prepare, provision, teardown
 from .errors import SaRollbackError, SaRollbackWarning
 
 T = TypeVar("T")
@@ -96,6 +96,17 @@ class Databases:
             raise pytest.UsageError(
                 "sa_rollback: setting up the test database failed:\n" + traceback.format_exc()
             ) from None
+
+    def sweep(self) -> None:
+        """The xdist controller, once every worker is done: drop the clones a worker left behind."""
+        if self._plan is None:
+            return
+        try:
+            drop_run_clones(self._plan, self.run_id)
+        except Exception as exc:
+            self.config.issue_config_time_warning(
+                SaRollbackWarning(f"Dropping the workers' leftover test databases failed: {exc}"), stacklevel=2
+            )
 
     def close(self) -> None:
         STATE.close_all()

@@ -124,6 +124,22 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_line(f"sa_rollback: test database {provisioned.database} (clone of {provisioned.template})")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker drops its clone before it reports back: the controller may end it right after.
+
+    The controller, whose workers are all done by now, drops what any of them left.
+    """
+    config = session.config
+    databases = config.stash.get(databases_key, None)
+    if databases is None:
+        return
+    if hasattr(config, "workerinput"):
+        databases.close()
+    elif is_xdist_controller(config):
+        databases.sweep()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     databases = config.stash.get(databases_key, None)
     if databases is not None:

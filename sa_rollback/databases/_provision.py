@@ -88,6 +88,22 @@ def drop_dead_clones(janitor: Janitor, base: str) -> None:
             pass  # another process of this run is dropping it too
 
 
+def drop_run_clones(plan: Plan, run_id: str) -> list[str]:
+    """Drop every clone of ``plan``'s base that this run made and left (workers ended early); their names."""
+    dropped: list[str] = []
+    if plan.template is None:
+        return dropped
+    with Janitor(plan.server.admin_url) as janitor:
+        for name, mark in janitor.marked():
+            if mark.kind == "clone" and mark.run == run_id and mark.belongs_to(plan.base, name, "_sar_"):
+                try:
+                    if janitor.drop(name):
+                        dropped.append(name)
+                except Exception:
+                    pass  # still in use, or gone meanwhile: the next run's sweep finds it
+    return dropped
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
