@@ -173,10 +173,12 @@ def _wrote(real: Any) -> bool:
 
 def adopt_noted(registry: Registry) -> None:
     """A scope has opened: every noted connection still checked out joins it on first use."""
-    if not _noted:
-        return
-    entries = list(_noted.values())
-    _noted.clear()
+    entries: list[tuple[weakref.ref[Any], Site]] = []
+    while _noted:
+        try:
+            entries.append(_noted.popitem()[1])
+        except KeyError:  # another thread took the last one
+            break
     for fairy_ref, site in entries:
         fairy = fairy_ref()
         if fairy is None:
