@@ -1,9 +1,10 @@
 """A small run of the benchmark package, so that it cannot rot.
 
 It runs ``python -m benchmarks --smoke`` in a subprocess (sa_rollback's
-listeners are process-wide) on databases of its own, and checks the shape and
-sanity of what it wrote. It checks no speed: the benchmark measures, it does
-not judge. An unreachable server makes it fail, like the rest of the suite.
+listeners are process-wide) on databases of its own, named after the run and
+the worker, and checks the shape and sanity of what it wrote. It checks no
+speed: the benchmark measures, it does not judge. An unreachable server makes
+it fail, like the rest of the suite.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from .conftest import ADMIN_URL, libpq_dsn
+from .conftest import ADMIN_URL, RUN_ID, WORKER, libpq_dsn
+
+#: under ``pytest -n --dist loadgroup``, the module's tests go to one worker: the run happens once
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
 
 REPO = Path(__file__).resolve().parent.parent
-TAG = "smoke"
+#: in the benchmark's database names: concurrent runs of the suite, or its workers, never share one
+TAG = f"sm{RUN_ID}_{WORKER}"  # short: the benchmark's longest name must stay within 63 bytes
 STRATEGIES = ("none", "recipe", "sa_rollback", "truncate", "drop_create", "template_db")
 BODIES = ("write", "read", "nodb")
 

@@ -31,9 +31,12 @@ from sa_rollback._proxy import LogicalConnection
 from sa_rollback._state import STATE
 from sa_rollback._transaction import Physical
 
-from .conftest import DB_A, libpq_dsn
+from .conftest import DB_A, RUN_ID, WORKER, libpq_dsn
 
 Outside = Callable[..., list[tuple[Any, ...]]]
+#: prepared transactions are server-wide: a name of this process's own (not in test ids, which
+#: must be the same in every xdist worker)
+GID = f"sar_{RUN_ID}_{WORKER}"
 
 
 def names(conn_or_session: sa.Connection | Session) -> list[str]:
@@ -91,7 +94,7 @@ def test_commit_and_chain_is_a_logical_commit(engine: sa.Engine, outside: Outsid
         "INSERT INTO items (name) VALUES ('x'); ROLLBACK",
         "COMMIT; INSERT INTO items (name) VALUES ('x')",
         "INSERT INTO items (name) VALUES ('x'); COMMIT; BEGIN",
-        "INSERT INTO items (name) VALUES ('x'); PREPARE TRANSACTION 'sar_test'",
+        "INSERT INTO items (name) VALUES ('x'); PREPARE TRANSACTION '{gid}'",
     ],
 )
 def test_multi_statement_transaction_end_is_refused(engine: sa.Engine, outside: Outside, statement: str) -> None:
@@ -101,9 +104,9 @@ def test_multi_statement_transaction_end_is_refused(engine: sa.Engine, outside: 
             with engine.begin() as conn:
                 add(conn, "before")
             with engine.connect() as conn:
-                conn.exec_driver_sql(statement)
+                conn.exec_driver_sql(statement.replace("{gid}", GID))
     assert outside("SELECT count(*) FROM items") == [(0,)]
-    assert outside("SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'sar_test'") == [(0,)]
+    assert outside(f"SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{GID}'") == [(0,)]
 
 
 def test_transaction_ended_by_an_unrecognized_statement_is_reported(
