@@ -297,9 +297,17 @@ def _no_leftovers(_selftest_databases: tuple[str, str]) -> Iterator[None]:
 # -- fixtures of the semantic tests ---------------------------------------------------------
 
 
+#: The driver of tests in which the DBAPI driver plays no part (the plugin's wiring, pool handling,
+#: statements refused before they run, threads taking turns): the one a plain postgresql:// URL gets.
+#: Where the driver's behaviour is involved (transaction status, autocommit, COPY, streaming,
+#: driver_connection, errors, cancelling) and in test_semantics.py, tests run on both.
+ANY_DRIVER = make_url("postgresql://").get_dialect().driver
+any_driver = pytest.mark.parametrize("driver", [ANY_DRIVER])
+
+
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
-    """The DBAPI driver under test: every semantic test runs on psycopg2 and psycopg 3."""
+    """The DBAPI driver under test: psycopg2 and psycopg 3, unless a test is marked ``@any_driver``."""
     return str(request.param)
 
 
