@@ -253,19 +253,22 @@ def _selftest_databases() -> Iterator[tuple[str, str]]:
         # file): the databases are its, and it drops them.
         yield DB_A, DB_B
         return
-    with _connect_admin() as admin:
-        _sweep(admin)
-        for name in (DB_A, DB_B):
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(_mark())))
     os.environ[_OWNED_ENV] = DB_A
     try:
+        with _connect_admin() as admin:
+            _sweep(admin)
+            for name in (DB_A, DB_B):
+                # CREATE DATABASE cannot run in a transaction: the mark follows at once.
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                admin.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(_mark()))
+                )
         for name in (DB_A, DB_B):
             with psycopg.connect(libpq_dsn(name), autocommit=True) as conn:
                 conn.execute(SCHEMA)
         yield DB_A, DB_B
     finally:
-        del os.environ[_OWNED_ENV]
+        os.environ.pop(_OWNED_ENV, None)
         with _connect_admin() as admin:
             for name in (DB_A, DB_B):
                 _drop_own(admin, name)
