@@ -1,15 +1,39 @@
 """Shared fixtures of sa_rollback's own suite.
 
 The suite talks to a real PostgreSQL server: ``SA_ROLLBACK_TEST_URL`` if set,
-otherwise the server on 127.0.0.1:5432. It never skips when the server is
-missing; it fails, saying which server it tried.
+otherwise the server on 127.0.0.1:5432, otherwise the embedded server. It never
+skips when the server is missing; it fails, saying which server it tried.
+
+Each test process (the serial process, or each xdist worker) works in two
+databases of its own, ``DB_A`` and ``DB_B``, so that two runs on one server, or
+the workers of ``pytest -n``, never see each other's rows:
+
+* their names carry the run id and the xdist worker id. The run id is put in
+  the environment (``SA_ROLLBACK_SELFTEST_RUN``) by the first process of a run,
+  at import, so the xdist workers it spawns and the pytest runs that tests start
+  inherit it, and a child process that imports this file computes the same names;
+* the process that creates them (at the first test that needs the server) drops
+  them when its session ends; child processes that inherit them leave them alone;
+* each carries a ``COMMENT ON DATABASE`` mark: the machine (host name, boot id,
+  pid namespace), the pid and start time of its process, the creation time. At
+  start, marked databases of earlier runs are dropped when their process is
+  provably gone (same machine, and no such pid, or the pid now belongs to a
+  process that started at another time); those made elsewhere, when they are
+  older than a day. Unmarked databases are never dropped.
+
+Nothing here connects at import time: ``tests/unit`` runs without a server
+(its conftest overrides the autouse fixture that needs one).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+import uuid
+import warnings
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import psycopg
 import pytest
@@ -20,12 +44,54 @@ from sqlalchemy.engine import make_url
 import sa_rollback
 from sa_rollback._state import STATE
 
+DRIVERS = ("psycopg2", "psycopg")
 
-def _admin_url() -> str:
-    """The server of the suite: SA_ROLLBACK_TEST_URL, else the local one, else an embedded one."""
-    explicit = os.environ.get("SA_ROLLBACK_TEST_URL")
-    if explicit:
-        return explicit
+#: the run id, shared by every process of one run through the environment
+RUN_ENV = "SA_ROLLBACK_SELFTEST_RUN"
+RUN_ID = os.environ.setdefault(RUN_ENV, uuid.uuid4().hex[:8])
+#: set by the process that created DB_A/DB_B, for the child processes that inherit them
+_OWNED_ENV = "SA_ROLLBACK_SELFTEST_OWNED"
+#: xdist sets PYTEST_XDIST_WORKER in each worker's environment before it imports conftest files;
+#: the worker passes its id on to the processes its tests start, which see no PYTEST_XDIST_WORKER
+_WORKER_ENV = "SA_ROLLBACK_SELFTEST_WORKER"
+WORKER = os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(_WORKER_ENV) or "main"
+os.environ[_WORKER_ENV] = WORKER
+#: what xdist puts in a worker's environment
+_XDIST_ENV = ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")
+PREFIX = "sa_rollback_selftest_"
+DB_A = f"{PREFIX}{RUN_ID}_{WORKER}_a"
+DB_B = f"{PREFIX}{RUN_ID}_{WORKER}_b"
+MARK = "sa_rollback_selftest:"
+STALE_AFTER = 24 * 3600  # seconds; for databases whose process cannot be checked
+
+SCHEMA = """
+CREATE TABLE items (id serial PRIMARY KEY, name text UNIQUE NOT NULL, qty int NOT NULL DEFAULT 0);
+CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL);
+"""
+
+
+# -- the server, found on first use ------------------------------------------------------------
+
+_admin_url: Optional[str] = None
+
+
+def admin_url() -> str:
+    """The server of the suite: SA_ROLLBACK_TEST_URL, else the local one, else an embedded one.
+
+    Resolved on first use, not at import, so that tests that need no server never start one.
+    The result goes into the environment, so that xdist workers and subprocesses agree.
+    """
+    global _admin_url
+    if _admin_url is None:
+        explicit = os.environ.get("SA_ROLLBACK_TEST_URL")
+        if not explicit:
+            explicit = _find_server()
+            os.environ["SA_ROLLBACK_TEST_URL"] = explicit
+        _admin_url = explicit
+    return _admin_url
+
+
+def _find_server() -> str:
     local = "postgresql://postgres@127.0.0.1:5432/postgres"
     try:
         psycopg.connect(local, connect_timeout=3).close()
@@ -41,15 +107,16 @@ def _admin_url() -> str:
     return server.admin_url.render_as_string(hide_password=False)
 
 
-ADMIN_URL = os.environ.setdefault("SA_ROLLBACK_TEST_URL", _admin_url())
-DRIVERS = ("psycopg2", "psycopg")
-#: databases this suite owns; created if missing, never dropped
-DB_A = "sa_rollback_selftest_a"
-DB_B = "sa_rollback_selftest_b"
+def __getattr__(name: str) -> Any:
+    # ADMIN_URL stays importable as a constant (``from .conftest import ADMIN_URL``) while the
+    # server behind it is only looked for when a module that needs it asks.
+    if name == "ADMIN_URL":
+        return admin_url()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def libpq_dsn(database: str) -> str:
-    url = make_url(ADMIN_URL).set(database=database)
+    url = make_url(admin_url()).set(database=database)
     return (
         url.render_as_string(hide_password=False)
         .replace("postgresql+psycopg2://", "postgresql://")
@@ -58,51 +125,192 @@ def libpq_dsn(database: str) -> str:
 
 
 def driver_url(driver: str, database: str = DB_A) -> str:
-    url = make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}", database=database)
+    url = make_url(admin_url()).set(drivername=f"postgresql+{driver}", database=database)
     return url.render_as_string(hide_password=False)
 
 
-def _ensure_databases() -> None:
+def pytest_report_header() -> str:
+    where = os.environ.get("SA_ROLLBACK_TEST_URL")
+    shown = make_url(where).render_as_string(hide_password=True) if where else "127.0.0.1:5432, else embedded"
+    return f"sa_rollback test server: {shown}; databases {PREFIX}{RUN_ID}_<worker>_a/_b"
+
+
+# -- the suite's own databases ------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str:
+    """When the process started (Linux), which tells a reused pid from the original; '' elsewhere."""
     try:
-        admin = psycopg.connect(
-            libpq_dsn(make_url(ADMIN_URL).database or "postgres"), autocommit=True, connect_timeout=5
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _this_machine() -> str:
+    """The host, its boot and the pid namespace: where a pid in a mark can be looked up."""
+    boot = pidns = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()[:8]
+        pidns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        pass
+    return f"{socket.gethostname()}/{boot}/{pidns}"
+
+
+def _mark() -> str:
+    pid = os.getpid()
+    return f"{MARK} host={_this_machine()} pid={pid} start={_start_time(pid)} created={int(time.time())}"
+
+
+def _parse_mark(comment: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in comment[len(MARK) :].split() if "=" in part)
+
+
+def _process_alive(fields: dict[str, str]) -> Optional[bool]:
+    """Is the process that created a database alive? None when that cannot be told from here."""
+    if fields.get("host") != _this_machine() or not fields.get("pid", "").isdigit():
+        return None
+    pid = int(fields["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    start = _start_time(pid)
+    return not (start and fields.get("start") and start != fields["start"])  # else the pid was reused
+
+
+def _stale(comment: Optional[str], now: float) -> bool:
+    """Is this a database of the suite whose run is over?"""
+    if not comment or not comment.startswith(MARK):
+        return False  # not ours: never touched
+    fields = _parse_mark(comment)
+    alive = _process_alive(fields)
+    if alive is not None:
+        return not alive
+    created = fields.get("created", "")
+    return created.isdigit() and now - int(created) > STALE_AFTER
+
+
+def _marked_databases(admin: psycopg.Connection[Any]) -> list[tuple[str, Optional[str]]]:
+    rows = admin.execute(
+        "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname LIKE %s",
+        (PREFIX.replace("_", r"\_") + "%",),
+    ).fetchall()
+    return [(str(name), comment) for name, comment in rows]
+
+
+def _sweep(admin: psycopg.Connection[Any]) -> None:
+    """Drop the suite's databases left by crashed runs (see the module docstring)."""
+    now = time.time()
+    for name, comment in _marked_databases(admin):
+        if name in (DB_A, DB_B) or not _stale(comment, now):
+            continue
+        try:
+            # No FORCE: a database that is still in use is not stale after all.
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        except psycopg.Error as exc:
+            warnings.warn(f"left the stale self-test database {name} in place: {exc}", stacklevel=1)
+
+
+def _drop_own(admin: psycopg.Connection[Any], name: str) -> None:
+    """Drop one of this process's databases, after checking the mark is still there."""
+    row = admin.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    if row is None:
+        return
+    fields = _parse_mark(row[0]) if row[0] and row[0].startswith(MARK) else {}
+    if fields.get("pid") != str(os.getpid()) or fields.get("host") != _this_machine():
+        warnings.warn(f"did not drop {name}: its mark {row[0]!r} is not this process's", stacklevel=1)
+        return
+    # FORCE: pooled connections of engines that tests left undisposed must not keep it alive.
+    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _connect_admin() -> psycopg.Connection[Any]:
+    try:
+        return psycopg.connect(
+            libpq_dsn(make_url(admin_url()).database or "postgres"), autocommit=True, connect_timeout=5
         )
     except psycopg.OperationalError as exc:
-        url = make_url(ADMIN_URL)
+        url = make_url(admin_url())
         pytest.exit(
             f"PostgreSQL is unreachable at {url.host}:{url.port or 5432} ({exc}). Start it, or point "
             "SA_ROLLBACK_TEST_URL at a server where this role may create databases.",
             returncode=3,
         )
-    with admin:
-        for name in (DB_A, DB_B):
-            if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
-                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-SCHEMA = """
-DROP TABLE IF EXISTS items, notes CASCADE;
-CREATE TABLE items (id serial PRIMARY KEY, name text UNIQUE NOT NULL, qty int NOT NULL DEFAULT 0);
-CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL);
-"""
-
-
-def pytest_report_header() -> str:
-    return f"sa_rollback test server: {make_url(ADMIN_URL).render_as_string(hide_password=True)}"
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    if os.environ.get("PYTEST_XDIST_WORKER") not in (None, "gw0"):
+@pytest.fixture(scope="session")
+def _selftest_databases() -> Iterator[tuple[str, str]]:
+    """DB_A and DB_B with the suite's tables, created for this process and dropped at its end."""
+    if os.environ.get(_OWNED_ENV) == DB_A:
+        # A process of the suite started this one (a pytester subprocess that imports this
+        # file): the databases are its, and it drops them.
+        yield DB_A, DB_B
         return
-    _ensure_databases()
-    for name in (DB_A, DB_B):
+    os.environ[_OWNED_ENV] = DB_A
+    try:
+        with _connect_admin() as admin:
+            _sweep(admin)
+            for name in (DB_A, DB_B):
+                # CREATE DATABASE cannot run in a transaction: the mark follows at once.
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                admin.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(_mark()))
+                )
+        for name in (DB_A, DB_B):
+            with psycopg.connect(libpq_dsn(name), autocommit=True) as conn:
+                conn.execute(SCHEMA)
+        yield DB_A, DB_B
+    finally:
+        os.environ.pop(_OWNED_ENV, None)
+        with _connect_admin() as admin:
+            for name in (DB_A, DB_B):
+                _drop_own(admin, name)
+
+
+@pytest.fixture(autouse=True)
+def _subprocesses_are_not_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pytest run that a test starts is a run of its own, as from a shell, not an xdist worker.
+
+    Inner runs inherit the environment; under ``-n`` it says PYTEST_XDIST_WORKER=gw0, and code
+    that reads it (the inner tests, xdist itself) would take a plain inner run for a worker.
+    """
+    for name in _XDIST_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers(_selftest_databases: tuple[str, str]) -> Iterator[None]:
+    yield
+    assert STATE.top is None, "a test left a rollback scope open"
+    for name in _selftest_databases:
         with psycopg.connect(libpq_dsn(name), autocommit=True) as conn:
-            conn.execute(SCHEMA)
+            left = conn.execute("SELECT (SELECT count(*) FROM items) + (SELECT count(*) FROM notes)").fetchone()
+            if left and left[0]:
+                conn.execute("TRUNCATE items, notes RESTART IDENTITY")
+                pytest.fail(f"{left[0]} rows leaked into {name}")
+
+
+# -- fixtures of the semantic tests ---------------------------------------------------------
+
+
+#: The driver of tests in which the DBAPI driver plays no part (the plugin's wiring, pool handling,
+#: statements refused before they run, threads taking turns): the one a plain postgresql:// URL gets.
+#: Where the driver's behaviour is involved (transaction status, autocommit, COPY, streaming,
+#: driver_connection, errors, cancelling) and in test_semantics.py, tests run on both.
+ANY_DRIVER = make_url("postgresql://").get_dialect().driver
+any_driver = pytest.mark.parametrize("driver", [ANY_DRIVER])
 
 
 @pytest.fixture(params=DRIVERS)
 def driver(request: pytest.FixtureRequest) -> str:
-    """The DBAPI driver under test: every semantic test runs on psycopg2 and psycopg 3."""
+    """The DBAPI driver under test: psycopg2 and psycopg 3, unless a test is marked ``@any_driver``."""
     return str(request.param)
 
 
@@ -138,15 +346,3 @@ def scope() -> Iterator[sa_rollback.RollbackScope]:
     """An open rollback scope; the test checks its state, the fixture closes it."""
     with sa_rollback.RollbackScope("test") as opened:
         yield opened
-
-
-@pytest.fixture(autouse=True)
-def _no_leftovers() -> Iterator[None]:
-    yield
-    assert STATE.top is None, "a test left a rollback scope open"
-    for name in (DB_A, DB_B):
-        with psycopg.connect(libpq_dsn(name), autocommit=True) as conn:
-            left = conn.execute("SELECT (SELECT count(*) FROM items) + (SELECT count(*) FROM notes)").fetchone()
-            if left and left[0]:
-                conn.execute("TRUNCATE items, notes RESTART IDENTITY")
-                pytest.fail(f"{left[0]} rows leaked into {name}")

@@ -1,13 +1,15 @@
 """A small run of the benchmark package, so that it cannot rot.
 
 It runs ``python -m benchmarks --smoke`` in a subprocess (sa_rollback's
-listeners are process-wide) on databases of its own, and checks the shape and
-sanity of what it wrote. It checks no speed: the benchmark measures, it does
-not judge. An unreachable server makes it fail, like the rest of the suite.
+listeners are process-wide) on databases of its own, named after the run, and
+checks the shape and sanity of what it wrote. It checks no speed: the benchmark
+measures, it does not judge. An unreachable server makes it fail, like the rest
+of the suite.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import subprocess
@@ -19,10 +21,12 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from .conftest import ADMIN_URL, libpq_dsn
+from .conftest import ADMIN_URL, RUN_ID, WORKER, libpq_dsn
 
 REPO = Path(__file__).resolve().parent.parent
-TAG = "smoke"
+#: in the benchmark's database names: concurrent runs of the suite never share one (one process
+#: of a run runs the benchmark, below)
+TAG = f"smoke_{RUN_ID}"
 STRATEGIES = ("none", "recipe", "sa_rollback", "truncate", "drop_create", "template_db")
 BODIES = ("write", "read", "nodb")
 
@@ -33,16 +37,25 @@ def _finite_positive(value: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--tag", TAG, "--out", str(out), "--url", ADMIN_URL],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, f"benchmark smoke run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert "round trips counted" in proc.stdout, "the run prints its progress"
+    # Under xdist the module's tests can land on two workers: the first runs the benchmark, the
+    # other waits for it and reads its results from the run's shared temporary directory.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if WORKER != "main" else base
+    out = shared / "benchmarks-smoke"
+    with open(shared / "benchmarks-smoke.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "results.json").exists():
+            out.mkdir(exist_ok=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks", "--smoke", "--tag", TAG, "--out", str(out), "--url", ADMIN_URL],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=600,  # a guard against a hang, not a speed check: a loaded machine takes 80 s
+            )
+            (out / "stdout.txt").write_text(proc.stdout)
+            assert proc.returncode == 0, f"benchmark smoke run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "round trips counted" in (out / "stdout.txt").read_text(), "the run prints its progress"
     return json.loads((out / "results.json").read_text()), out
 
 

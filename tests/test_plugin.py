@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import DB_A, driver_url
+from .conftest import DB_A, any_driver, driver_url
 
-pytestmark = pytest.mark.usefixtures("_inner_env")
+# The plugin's wiring is the same whatever the driver; the drivers' differences are tested in
+# test_semantics.py and test_trust.py, in-process, where they are cheaper than pytest runs.
+pytestmark = [pytest.mark.usefixtures("_inner_env"), any_driver]
 
 ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
 

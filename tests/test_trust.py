@@ -31,9 +31,12 @@ from sa_rollback._physical import Physical
 from sa_rollback._proxy import LogicalConnection
 from sa_rollback._state import STATE
 
-from .conftest import DB_A, libpq_dsn
+from .conftest import DB_A, RUN_ID, WORKER, any_driver, libpq_dsn
 
 Outside = Callable[..., list[tuple[Any, ...]]]
+#: prepared transactions are server-wide: a name of this process's own (not in test ids, which
+#: must be the same in every xdist worker)
+GID = f"sar_{RUN_ID}_{WORKER}"
 
 
 def names(conn_or_session: sa.Connection | Session) -> list[str]:
@@ -84,6 +87,7 @@ def test_commit_and_chain_is_a_logical_commit(engine: sa.Engine, outside: Outsid
         assert outside("SELECT count(*) FROM items") == [(0,)]
 
 
+@any_driver  # refused before it runs: the driver never sees it
 @pytest.mark.parametrize(
     "statement",
     [
@@ -91,7 +95,7 @@ def test_commit_and_chain_is_a_logical_commit(engine: sa.Engine, outside: Outsid
         "INSERT INTO items (name) VALUES ('x'); ROLLBACK",
         "COMMIT; INSERT INTO items (name) VALUES ('x')",
         "INSERT INTO items (name) VALUES ('x'); COMMIT; BEGIN",
-        "INSERT INTO items (name) VALUES ('x'); PREPARE TRANSACTION 'sar_test'",
+        "INSERT INTO items (name) VALUES ('x'); PREPARE TRANSACTION '{gid}'",
     ],
 )
 def test_multi_statement_transaction_end_is_refused(engine: sa.Engine, outside: Outside, statement: str) -> None:
@@ -101,9 +105,9 @@ def test_multi_statement_transaction_end_is_refused(engine: sa.Engine, outside: 
             with engine.begin() as conn:
                 add(conn, "before")
             with engine.connect() as conn:
-                conn.exec_driver_sql(statement)
+                conn.exec_driver_sql(statement.replace("{gid}", GID))
     assert outside("SELECT count(*) FROM items") == [(0,)]
-    assert outside("SELECT count(*) FROM pg_prepared_xacts WHERE gid = 'sar_test'") == [(0,)]
+    assert outside(f"SELECT count(*) FROM pg_prepared_xacts WHERE gid = '{GID}'") == [(0,)]
 
 
 def test_transaction_ended_by_an_unrecognized_statement_is_reported(
@@ -138,6 +142,7 @@ def test_semicolons_in_literals_and_function_bodies_are_not_refused(engine: sa.E
             assert conn.execute(sa.text("SELECT body FROM notes")).scalar() == "done; COMMIT"
 
 
+@any_driver  # accepted and not applied: the driver never sees it
 @pytest.mark.parametrize(
     "statement",
     [
@@ -263,6 +268,7 @@ def test_detached_connection_joins_the_transaction(engine: sa.Engine) -> None:
         assert names(conn) == []
 
 
+@any_driver  # pool handling
 def test_engine_dispose_during_the_test(engine: sa.Engine) -> None:
     with sa_rollback.rollback_scope():
         with engine.begin() as conn:
@@ -395,6 +401,7 @@ def test_thread_pool_writers_are_serialized(engine: sa.Engine) -> None:
             assert names(conn) == [f"w{i:02}" for i in range(40)]
 
 
+@any_driver  # threads take turns on the shared connection, whatever the driver
 def test_background_worker_thread(engine: sa.Engine) -> None:
     jobs: queue.Queue[str | None] = queue.Queue()
     done: queue.Queue[str] = queue.Queue()
@@ -421,6 +428,7 @@ def test_background_worker_thread(engine: sa.Engine) -> None:
             thread.join(10)
 
 
+@any_driver  # threads take turns on the shared connection, whatever the driver
 def test_flask_dev_server_in_a_thread(engine: sa.Engine) -> None:
     from flask import Flask
     from werkzeug.serving import make_server
@@ -461,6 +469,7 @@ def test_flask_dev_server_in_a_thread(engine: sa.Engine) -> None:
         assert names(conn) == []
 
 
+@any_driver  # the wait is for sa_rollback's own lock
 def test_deadlock_with_outside_lock_ends_with_an_error(engine: sa.Engine, url: str) -> None:
     """A worker's statement waits for a lock that only the main thread can release, and the main
     thread needs the connection: without the timeout this hangs forever."""
@@ -655,6 +664,7 @@ def test_backend_killed_between_tests(engine: sa.Engine) -> None:
         assert physical(engine).backend_pid != pid
 
 
+@any_driver  # raised before the driver is called
 def test_keyboard_interrupt_from_an_event_listener(engine: sa.Engine, outside: Outside) -> None:
     def interrupt(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if "interrupt-here" in statement:
@@ -702,6 +712,7 @@ def test_keyboard_interrupt_inside_a_statement(engine: sa.Engine) -> None:
             add(conn, "after")
 
 
+@any_driver  # the scope's bookkeeping
 def test_teardown_that_raises(engine: sa.Engine) -> None:
     def fixture() -> Iterator[Session]:
         with sa_rollback.rollback_scope():
@@ -721,6 +732,7 @@ def test_teardown_that_raises(engine: sa.Engine) -> None:
     session.close()
 
 
+@any_driver  # the scope's bookkeeping
 def test_interrupted_scope_close_is_cleaned_up_by_the_next_scope(
     engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -795,6 +807,7 @@ def test_deferred_check_in_nested_scopes(engine: sa.Engine) -> None:
             conn.exec_driver_sql("DELETE FROM sar_child")
 
 
+@any_driver  # whether the check is asked for, not how the driver runs it
 def test_deferred_check_only_when_the_scope_wrote(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     checks: list[bool] = []
     with sa_rollback.rollback_scope():
