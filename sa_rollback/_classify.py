@@ -93,10 +93,11 @@ _ENDS_TXN = re.compile(
 )
 #: literals, quoted names and comments, which may contain anything
 _OPAQUE = re.compile(
-    r"[Ee]'(?:[^'\\]|\\.|'')*'"
+    # E'...' only where E starts a token: the E ending LIKE in LIKE'x' is part of the keyword
+    r"(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'"
     r"|'(?:[^']|'')*'"
     r'|"(?:[^"]|"")*"'
-    r"|--[^\n]*"
+    r"|--[^\n\r]*"  # PostgreSQL ends a line comment at CR too
     r"|/\*.*?\*/"
     r"|\$((?:[A-Za-z_]\w*)?)\$.*?\$\1\$",
     re.DOTALL,

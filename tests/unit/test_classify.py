@@ -192,19 +192,10 @@ def test_the_examples_cover_every_kind() -> None:
     assert {kind for _, kind, _ in EXAMPLES} == set(Kind)
 
 
-@pytest.mark.xfail(
-    reason="the E-string prefix is matched at the end of a keyword (LIKE'...'), where PostgreSQL "
-    "sees a standard string: the COMMIT after it is hidden (the status check after the statement "
-    "still reports it)",
-)
 def test_keyword_ending_in_e_before_a_string_is_not_an_escape_string() -> None:
     assert classify("SELECT 1 WHERE 'a' LIKE'a\\'; COMMIT; SELECT 'b'").kind is ESCAPE
 
 
-@pytest.mark.xfail(
-    reason="PostgreSQL ends a -- comment at a carriage return too (scan.l: non_newline [^\\n\\r]); "
-    "the classifier only at a line feed, so the COMMIT after it is hidden",
-)
 def test_line_comment_ends_at_a_carriage_return() -> None:
     assert classify("SELECT 1 -- note\r; COMMIT").kind is ESCAPE
 
