@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             STATE.close_all()
         if "nodb" in sections:
             core = measure.core_scope_cost(plan.core_iterations, plan.core_reps)
-            progress(f"core rollback_scope() enter + exit: {core['overhead_us']['median']:.2f} us over an empty with")
+            progress(f"core rollback_scope() enter + exit: {core['overhead_us']['mean']:.2f} us over an empty with")
             results["nodb"] = {
                 "pytest": suites.run_nodb_suites(plan.nodb_tests, plan.nodb_reps, progress),
                 "pytest_lean": suites.run_nodb_suites(plan.nodb_tests, plan.nodb_lean_reps, progress, suites.LEAN_ARGS),

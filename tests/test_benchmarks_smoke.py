@@ -64,31 +64,37 @@ def test_paired_timings_are_sane(smoke: tuple[dict[str, Any], Path]) -> None:
         cell = results["timing"][size][body]
         assert set(cell) == set(STRATEGIES)
         for key, entry in cell.items():
-            assert _finite_positive(entry["ms"]["median"]), (body, key)
+            assert _finite_positive(entry["ms"]["mean"]), (body, key)
             assert entry["rounds"] >= 2
-            assert entry["ms"]["p25"] <= entry["ms"]["median"] <= entry["ms"]["p75"]
-            if key != "none":
-                assert math.isfinite(entry["vs_none"]["diff"]["median"])
-                assert _finite_positive(entry["vs_none"]["ratio"]["median"])
+            assert entry["ms"]["min"] <= entry["ms"]["mean"] <= entry["ms"]["max"]
+            assert entry["ms"]["ci95"] >= 0
+            for ref in ("none", "recipe", "sa_rollback"):
+                if key != ref:
+                    assert math.isfinite(entry[f"vs_{ref}"]["diff"]["mean"]), (body, key, ref)
 
 
 def test_round_trips_are_exact_counts(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     (size,) = results["round_trips"]
     trips = results["round_trips"][size]
-    for body in ("write", "read"):
+    for body in BODIES:
         for key in STRATEGIES:
-            count = trips[body][key]["round_trips"]
-            assert isinstance(count, int) and count > 0, (body, key, count)
-    for key in STRATEGIES:
-        assert isinstance(trips["nodb"][key]["round_trips"], int)
+            entry = trips[body][key]
+            # Every test of the run is counted, one exact integer each.
+            assert len(entry["per_test"]) == entry["tests"] >= 6, (body, key)
+            assert all(isinstance(n, int) for n in entry["per_test"]), (body, key)
+            assert entry["mean"] == sum(entry["per_test"]) / entry["tests"]
+            assert entry["max"] == max(entry["per_test"])
+            if body != "nodb":
+                assert entry["min"] > 0, (body, key)
     # No database touched: the transactional strategies send nothing; TRUNCATE still truncates.
-    assert trips["nodb"]["none"]["round_trips"] == 0
-    assert trips["nodb"]["sa_rollback"]["round_trips"] == 0
-    assert trips["nodb"]["truncate"]["round_trips"] > 0
-    statements = trips["write"]["sa_rollback"]["statements"]
-    assert len(statements) == trips["write"]["sa_rollback"]["round_trips"]
-    assert any(s.startswith("INSERT") for s in statements)
+    assert trips["nodb"]["none"]["max"] == 0
+    assert trips["nodb"]["sa_rollback"]["max"] == 0
+    assert trips["nodb"]["truncate"]["min"] > 0
+    sar = trips["write"]["sa_rollback"]
+    assert len(sar["statements"]) == sar["min"]
+    assert len(sar["statements_max"]) == sar["max"]
+    assert any(s.startswith("INSERT") for s in sar["statements"])
 
 
 def test_leftovers_show_what_isolates(smoke: tuple[dict[str, Any], Path]) -> None:
@@ -102,15 +108,15 @@ def test_leftovers_show_what_isolates(smoke: tuple[dict[str, Any], Path]) -> Non
 def test_suites_and_costs_are_measured(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     for key, entry in results["suites"]["strategies"].items():
-        assert _finite_positive(entry["wall_s_serial"]["median"]), key
+        assert _finite_positive(entry["wall_s_serial"]["mean"]), key
     for key in ("pytest", "pytest_lean"):
         pytest_level = results["nodb"][key]
-        assert _finite_positive(pytest_level["plain_us_per_test"]["median"]), key
-        assert _finite_positive(pytest_level["plugin_us_per_test"]["median"]), key
-    assert _finite_positive(results["nodb"]["core"]["scope_us"]["median"])
+        assert _finite_positive(pytest_level["plain_us_per_test"]["mean"]), key
+        assert _finite_positive(pytest_level["plugin_us_per_test"]["mean"]), key
+    assert _finite_positive(results["nodb"]["core"]["scope_us"]["mean"])
     for entry in results["provisioning"]["databases"].values():
-        assert _finite_positive(entry["clone_from_template_ms"]["median"])
-        assert _finite_positive(entry["create_all_ms"]["median"])
+        assert _finite_positive(entry["clone_from_template_ms"]["mean"])
+        assert _finite_positive(entry["create_all_ms"]["mean"])
 
 
 def test_databases_cleaned_up(smoke: tuple[dict[str, Any], Path]) -> None:
