@@ -63,6 +63,11 @@ class Plan:
     provision_sizes: tuple[int, ...]
     provision_reps: int
     embedded_server: bool
+    #: hot path: iterations per block, rounds of paired blocks, tests of the no-database run, pairs profiled
+    hot_iterations: int = 400
+    hot_rounds: int = 30
+    hot_nodb_tests: int = 6000
+    hot_profiled_pairs: int = 50
     psycopg2_counts: bool = True
     strategies: tuple[str, ...] = field(default=STRATEGIES)
 
@@ -109,6 +114,10 @@ PLANS: dict[str, Plan] = {
         provision_sizes=(20,),
         provision_reps=1,
         embedded_server=False,
+        hot_iterations=200,
+        hot_rounds=10,
+        hot_nodb_tests=2000,
+        hot_profiled_pairs=20,
         psycopg2_counts=False,
     ),
     "smoke": Plan(
@@ -117,7 +126,7 @@ PLANS: dict[str, Plan] = {
         cheap_rounds=12,
         costly_rounds={5: 2},
         warmup=2,
-        count_tests=7,
+        count_tests=6,
         suite_size=12,
         suite_table_count=5,
         suite_reps=1,
@@ -131,6 +140,10 @@ PLANS: dict[str, Plan] = {
         provision_sizes=(5,),
         provision_reps=1,
         embedded_server=False,
+        hot_iterations=50,
+        hot_rounds=3,
+        hot_nodb_tests=200,
+        hot_profiled_pairs=5,
         psycopg2_counts=False,
     ),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import BODIES, BODY_LABELS, LABELS, REFERENCES
 
@@ -256,7 +256,129 @@ def _suite_table(results: dict[str, Any]) -> list[str]:
 
 
 def _hot_path_tables(results: dict[str, Any]) -> list[str]:
-    return []
+    hot = results.get("hot_path")
+    if not hot:
+        return []
+    drivers = list(hot["drivers"])
+    header = ["| measurement | " + " | ".join(drivers) + " |", "| --- |" + " ---: |" * len(drivers)]
+
+    def row(label: str, *keys: str, signed: bool = True) -> str:
+        cells = []
+        for driver in drivers:
+            stat = hot["drivers"][driver]
+            for key in keys:
+                stat = stat[key]
+            cells.append(_ci(stat, signed))
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def counts(label: str, pick: Callable[[dict[str, Any]], str]) -> str:
+        return f"| {label} | " + " | ".join(pick(hot["drivers"][d]) for d in drivers) + " |"
+
+    variants = ("outside", "in_scope", "before_first_statement")
+    checkout = hot["drivers"][drivers[0]]["checkout"]
+    lines = [
+        "### Hot path: the plugin's own cost",
+        "",
+        "CPU time of the measuring thread, in µs, from paired blocks: "
+        f"{checkout['rounds']} rounds of one block of {checkout['iterations']} iterations of each variant, in "
+        "rotating order; a cost is the mean of the differences within a round. Call counts are cProfile's, "
+        "exact: function calls (Python and builtin) per iteration.",
+        "",
+        "#### Per checkout: `engine.connect()` + `close()`",
+        "",
+        *header,
+        row("outside a scope (the listeners return at once)", "checkout", "us", "outside", signed=False),
+        row("in a scope, after its first statement", "checkout", "us", "in_scope", signed=False),
+        row(
+            "in a scope, before its first statement (each checkout checks that the server kept the shared connection)",
+            "checkout",
+            "us",
+            "before_first_statement",
+            signed=False,
+        ),
+        row("**plugin per checkout in a scope** (in a scope - outside)", "checkout", "in_scope", "plugin_us"),
+        row(
+            "plugin per checkout before the scope's first statement (- outside)",
+            "checkout",
+            "before_first_statement",
+            "plugin_us",
+        ),
+        row(
+            "of which the liveness check (before - after the first statement)",
+            "checkout",
+            "before_first_statement",
+            "liveness_check_us",
+        ),
+        row("`Driver.dead()` alone, the liveness check's poll (- an empty call)", "liveness", "dead_us"),
+        counts(
+            "function calls per checkout: outside / in a scope / before the first statement",
+            lambda e: " / ".join(f"{e['checkout']['calls'][k]['calls']:g}" for k in variants),
+        ),
+        counts(
+            "of which sa_rollback's own functions",
+            lambda e: " / ".join(f"{e['checkout']['calls'][k]['sa_rollback_calls']:g}" for k in variants),
+        ),
+        "",
+        "#### Per statement: `SELECT 1`, one round trip",
+        "",
+        *header,
+        row("through a logical connection's cursor", "statement", "dbapi", "us", "logical", signed=False),
+        row(
+            "through the shared connection's own cursor, in the same transaction",
+            "statement",
+            "dbapi",
+            "us",
+            "physical",
+            signed=False,
+        ),
+        row("**plugin per statement** (logical - shared connection's cursor)", "statement", "dbapi", "plugin_us"),
+        row(
+            "`LogicalConnection._run` alone, with a statement function that does nothing",
+            "statement",
+            "run_only",
+            "plugin_us",
+        ),
+        row(
+            "`connection.exec_driver_sql()`: in a scope - outside, both in a transaction",
+            "statement",
+            "sqlalchemy",
+            "plugin_us",
+        ),
+        counts(
+            "function calls the logical cursor adds per statement",
+            lambda e: f"{e['statement']['dbapi']['extra_calls']:g}",
+        ),
+        "",
+        f"Where the plugin's time goes per checkout in a scope ({drivers[0]}; each of sa_rollback's functions' "
+        "own time under cProfile, as a share of the time in all of them):",
+        "",
+        "| function | calls per checkout | share |",
+        "| --- | ---: | ---: |",
+    ]
+    for fn in checkout["calls"]["in_scope"]["sa_rollback_functions"][:10]:
+        lines.append(f"| `{fn['function']}` | {fn['calls']:g} | {fn['share']:.0%} |")
+    lines.append("")
+    nodb = hot.get("nodb_test")
+    if nodb:
+        how = " ".join(nodb["pytest_args"]) or "default options"
+        hooks = "; ".join(f"`{module}`: {', '.join(names)}" for module, names in nodb["moved_hooks"])
+        lines += [
+            "#### Per test that touches no database, under pytest",
+            "",
+            f"One pytest run (`{how}`) of {nodb['tests']} trivial tests. sa_rollback's per-test hooks ({hooks}) "
+            "are switched on and off from one test to the next (adjacent tests form a pair, in alternating "
+            f"order), and each test's protocol (setup, call, teardown) is timed: {nodb['pairs']} pairs.",
+            "",
+            "| measurement | per test |",
+            "| --- | ---: |",
+            f"| hooks off: test protocol, µs | {_ci(nodb['off_us'], False)} |",
+            f"| hooks on: test protocol, µs | {_ci(nodb['on_us'], False)} |",
+            f"| **plugin per test**, µs (on - off, paired) | **{_ci(nodb['plugin_us'])}** |",
+            f"| function calls, hooks off / on | {nodb['calls_off']['mean']:g} / {nodb['calls_on']['mean']:g} |",
+            f"| of which sa_rollback's own functions | {nodb['plugin_calls']['mean']:g} |",
+            "",
+        ]
+    return lines
 
 
 def _nodb_table(results: dict[str, Any]) -> list[str]:
