@@ -124,6 +124,33 @@ def test_hot_path_is_measured_and_counted(smoke: tuple[dict[str, Any], Path]) ->
     assert nodb["plugin_calls"]["mean"] > 0 and nodb["calls_on"]["mean"] > nodb["calls_off"]["mean"]
 
 
+def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
+    out = tmp_path / "cmp.json"
+    script = REPO / "benchmarks" / "compare_revs.py"
+    options = ["--url", ADMIN_URL, "--tag", "smokecmp", "--rounds", "2", "--tests", "2", "--count", "6"]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REPO), str(REPO), *options, "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"compare_revs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "| write |" in proc.stdout and "| read |" in proc.stdout
+    result = json.loads(out.read_text())
+    for body in ("write", "read"):
+        entry = result["bodies"][body]
+        assert entry["cpu"]["b_minus_a_us"]["n"] == 2
+        # The same code on both sides sends the same statements.
+        assert entry["round_trips"]["a"]["per_test"] == entry["round_trips"]["b"]["per_test"]
+        assert len(entry["round_trips"]["a"]["per_test"]) == 6 and entry["round_trips"]["a"]["min"] > 0
+    with psycopg.connect(libpq_dsn(make_url(ADMIN_URL).database or "postgres"), autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", ("sa\\_rollback\\_bench\\_smokecmp\\_%",)
+        ).fetchall()
+    assert left == []
+
+
 def test_suites_and_costs_are_measured(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     for key, entry in results["suites"]["strategies"].items():
