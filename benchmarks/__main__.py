@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--url", help=f"Server URL (default: ${URL_ENV} or postgresql://postgres@127.0.0.1:5432)")
     parser.add_argument("--out", type=Path, help=f"Directory of the results (default: {RESULTS})")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="Also put results.md between the results markers of benchmarks/README.md",
+    )
     parser.add_argument("--tag", default="", help="Put this word into the database names (concurrent runs)")
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="Run only this section (repeatable; default: all)"
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from sa_rollback._state import STATE
 
     from . import hotpath, machine, measure, provisioning, suites
-    from .report import write_all
+    from .report import update_readme, write_all
 
     results: dict[str, Any] = {
         "meta": {
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["duration_s"] = time.perf_counter() - begin
     for path in write_all(results, out):
         progress(f"wrote {path}")
+    if args.update_readme:
+        progress(f"wrote {update_readme(out / 'results.md')}")
     for target in results.get("targets", []):
         progress(f"target {'met' if target['met'] else 'MISSED'}: {target['target']}: {target['measured']}")
     return 0

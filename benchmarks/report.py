@@ -507,3 +507,17 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
     if chart(results, out / "overhead.png"):
         written.append(out / "overhead.png")
     return written
+
+
+README = Path(__file__).resolve().parent / "README.md"
+_START, _END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(results_md: Path, readme: Path = README) -> Path:
+    """Replace what stands between the README's results markers with ``results_md``, its headings one level down."""
+    text = readme.read_text()
+    head, rest = text.split(_START, 1)
+    _, tail = rest.split(_END, 1)
+    body = "\n".join("#" + line if line.startswith("#") else line for line in results_md.read_text().splitlines())
+    readme.write_text(f"{head}{_START}\n{body.strip()}\n{_END}{tail}")
+    return readme
