@@ -66,7 +66,7 @@ class Plan:
     #: hot path: iterations per block, rounds of paired blocks, tests of the no-database run, pairs profiled
     hot_iterations: int = 400
     hot_rounds: int = 30
-    hot_nodb_tests: int = 6000
+    hot_nodb_tests: int = 20000
     hot_profiled_pairs: int = 50
     psycopg2_counts: bool = True
     strategies: tuple[str, ...] = field(default=STRATEGIES)

@@ -367,12 +367,14 @@ def _hot_path_tables(results: dict[str, Any]) -> list[str]:
             "",
             f"One pytest run (`{how}`) of {nodb['tests']} trivial tests. sa_rollback's per-test hooks ({hooks}) "
             "are switched on and off from one test to the next (adjacent tests form a pair, in alternating "
-            f"order), and each test's protocol (setup, call, teardown) is timed: {nodb['pairs']} pairs.",
+            f"order), and each test's protocol (setup, call, teardown) is timed in CPU time: {nodb['pairs']} pairs.",
             "",
             "| measurement | per test |",
             "| --- | ---: |",
-            f"| hooks off: test protocol, µs | {_ci(nodb['off_us'], False)} |",
-            f"| hooks on: test protocol, µs | {_ci(nodb['on_us'], False)} |",
+            f"| hooks off: test protocol, µs, without the garbage collector's time | {_ci(nodb['off_us'], False)} |",
+            f"| hooks on: test protocol, µs, the same | {_ci(nodb['on_us'], False)} |",
+            f"| garbage collector, µs per test, hooks off / on | {_ci(nodb['gc_off_us'], False)} / "
+            f"{_ci(nodb['gc_on_us'], False)} |",
             f"| **plugin per test**, µs (on - off, paired) | **{_ci(nodb['plugin_us'])}** |",
             f"| function calls, hooks off / on | {nodb['calls_off']['mean']:g} / {nodb['calls_on']['mean']:g} |",
             f"| of which sa_rollback's own functions | {nodb['plugin_calls']['mean']:g} |",
