@@ -14,7 +14,7 @@ from typing import Any
 from .config import PLANS, URL_ENV, server_url, set_tag
 from .db import session_admin
 
-SECTIONS = ("matrix", "suites", "nodb", "provisioning")
+SECTIONS = ("matrix", "hotpath", "suites", "nodb", "provisioning")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -27,8 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="A short run (under a minute)")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="A few seconds, for the tests")
+    parser.add_argument(
+        "--profile-hot-path",
+        action="store_true",
+        help="Only the plugin's cost per checkout, per statement and per test with no database "
+        "(same as --only hotpath; writes into results/hot_path unless --out is given)",
+    )
     parser.add_argument("--url", help=f"Server URL (default: ${URL_ENV} or postgresql://postgres@127.0.0.1:5432)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="Directory of the results (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help=f"Directory of the results (default: {RESULTS})")
+    parser.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="Also put results.md between the results markers of benchmarks/README.md",
+    )
     parser.add_argument("--tag", default="", help="Put this word into the database names (concurrent runs)")
     parser.add_argument(
         "--only", action="append", choices=SECTIONS, help="Run only this section (repeatable; default: all)"
@@ -36,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plan = PLANS[args.mode or "full"]
     set_tag(args.tag)
-    sections = tuple(args.only or SECTIONS)
+    sections = ("hotpath",) if args.profile_hot_path else tuple(args.only or SECTIONS)
+    out = args.out or (RESULTS / "hot_path" if args.profile_hot_path else RESULTS)
     begin = time.perf_counter()
     # A plain SIGTERM would skip the finally blocks that drop the benchmark's databases.
     signal.signal(signal.SIGTERM, _terminate)
@@ -47,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help works without a database driver configured.
     from sa_rollback._state import STATE
 
-    from . import machine, measure, provisioning, suites
-    from .report import write_all
+    from . import hotpath, machine, measure, provisioning, suites
+    from .report import update_readme, write_all
 
     results: dict[str, Any] = {
         "meta": {
@@ -67,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             # sa_rollback keeps one physical connection per database; close them before the drops.
             STATE.close_all()
+        if "hotpath" in sections:
+            results["hot_path"] = hotpath.run_hot_path(admin, plan, progress)
         if "nodb" in sections:
             core = measure.core_scope_cost(plan.core_iterations, plan.core_reps)
-            progress(f"core rollback_scope() enter + exit: {core['overhead_us']['median']:.2f} us over an empty with")
+            progress(f"core rollback_scope() enter + exit: {core['overhead_us']['mean']:.2f} us over an empty with")
             results["nodb"] = {
                 "pytest": suites.run_nodb_suites(plan.nodb_tests, plan.nodb_reps, progress),
                 "pytest_lean": suites.run_nodb_suites(plan.nodb_tests, plan.nodb_lean_reps, progress, suites.LEAN_ARGS),
@@ -93,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 prov["embedded_server"] = provisioning.embedded_server(2, progress)
             results["provisioning"] = prov
     results["meta"]["duration_s"] = time.perf_counter() - begin
-    for path in write_all(results, args.out):
+    for path in write_all(results, out):
         progress(f"wrote {path}")
+    if args.update_readme:
+        progress(f"wrote {update_readme(out / 'results.md')}")
     for target in results.get("targets", []):
         progress(f"target {'met' if target['met'] else 'MISSED'}: {target['target']}: {target['measured']}")
     return 0

@@ -23,6 +23,8 @@ LABELS: dict[str, str] = {
     "template_db": "6. database from template",
     "sa_rollback_auto": "3'. sa_rollback, plugin clones per worker",
 }
+#: the strategies every other one is compared with, by paired differences
+REFERENCES: tuple[str, ...] = ("none", "recipe", "sa_rollback")
 #: Cheap enough to run hundreds of times per cell; the others get fewer paired rounds.
 CHEAP: tuple[str, ...] = ("none", "recipe", "sa_rollback")
 COSTLY: tuple[str, ...] = ("truncate", "drop_create", "template_db")
@@ -45,7 +47,7 @@ class Plan:
     #: rounds of the costly strategies, per schema size
     costly_rounds: dict[int, int]
     warmup: int
-    #: tests traced per strategy and body when counting round trips
+    #: tests counted per strategy and body (after a first one that opens the connections), every one of them
     count_tests: int
     suite_size: int
     suite_table_count: int
@@ -61,6 +63,11 @@ class Plan:
     provision_sizes: tuple[int, ...]
     provision_reps: int
     embedded_server: bool
+    #: hot path: iterations per block, rounds of paired blocks, tests of the no-database run, pairs profiled
+    hot_iterations: int = 400
+    hot_rounds: int = 30
+    hot_nodb_tests: int = 20000
+    hot_profiled_pairs: int = 50
     psycopg2_counts: bool = True
     strategies: tuple[str, ...] = field(default=STRATEGIES)
 
@@ -72,7 +79,7 @@ PLANS: dict[str, Plan] = {
         cheap_rounds=400,
         costly_rounds={5: 30, 20: 20, 100: 10},
         warmup=20,
-        count_tests=5,
+        count_tests=30,
         suite_size=600,
         suite_table_count=20,
         suite_reps=3,
@@ -93,7 +100,7 @@ PLANS: dict[str, Plan] = {
         cheap_rounds=60,
         costly_rounds={5: 3, 20: 3},
         warmup=5,
-        count_tests=3,
+        count_tests=12,
         suite_size=100,
         suite_table_count=20,
         suite_reps=1,
@@ -107,6 +114,10 @@ PLANS: dict[str, Plan] = {
         provision_sizes=(20,),
         provision_reps=1,
         embedded_server=False,
+        hot_iterations=200,
+        hot_rounds=10,
+        hot_nodb_tests=2000,
+        hot_profiled_pairs=20,
         psycopg2_counts=False,
     ),
     "smoke": Plan(
@@ -115,7 +126,7 @@ PLANS: dict[str, Plan] = {
         cheap_rounds=12,
         costly_rounds={5: 2},
         warmup=2,
-        count_tests=2,
+        count_tests=6,
         suite_size=12,
         suite_table_count=5,
         suite_reps=1,
@@ -129,6 +140,10 @@ PLANS: dict[str, Plan] = {
         provision_sizes=(5,),
         provision_reps=1,
         embedded_server=False,
+        hot_iterations=50,
+        hot_rounds=3,
+        hot_nodb_tests=200,
+        hot_profiled_pairs=5,
         psycopg2_counts=False,
     ),
 }

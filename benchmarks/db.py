@@ -44,6 +44,10 @@ class Admin:
         row = self.conn.execute("SHOW server_version").fetchone()
         return str(row[0]) if row else "?"
 
+    def setting(self, name: str) -> str:
+        row = self.conn.execute("SELECT current_setting(%s)", (name,)).fetchone()
+        return str(row[0]) if row else "?"
+
     def exists(self, name: str) -> bool:
         return self.conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 

@@ -49,6 +49,9 @@ def describe(admin: Admin) -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "platform": platform.platform(),
         "postgresql": admin.version(),
+        "server": f"{admin.url.host}:{admin.url.port or 5432}",
+        # A server started with fsync=off (a scratch one) makes commits cheaper; the report says so.
+        "fsync": admin.setting("fsync"),
         "python": platform.python_version(),
         "sqlalchemy": _version("SQLAlchemy"),
         "psycopg": _version("psycopg"),

@@ -12,15 +12,14 @@ from typing import Any, Callable
 import sa_rollback
 
 from .bodies import BODY_FUNCS, Body
-from .config import BODIES, CHEAP, Plan
+from .config import BODIES, CHEAP, REFERENCES, Plan
 from .db import Admin
-from .roundtrips import tracing
+from .roundtrips import Window, tracing
 from .schema import Schema, make_schema
 from .stats import paired, summary
 from .strategies import STRATEGY_CLASSES, Strategy, provision_all
 
 Progress = Callable[[str], None]
-REFERENCES = ("none", "recipe")
 
 
 def run_one(strategy: Strategy, body: Body, schema: Schema) -> int:
@@ -66,7 +65,13 @@ def cell_stats(times: dict[str, list[float]]) -> dict[str, Any]:
 def count_round_trips(
     admin: Admin, schema: Schema, keys: tuple[str, ...], tests: int, driver: str = "psycopg"
 ) -> dict[str, dict[str, Any]]:
-    """Round trips per test of every strategy and body, after a warm-up that primes pools and prepared statements."""
+    """Round trips of every test of a run of ``tests`` tests, per strategy and body.
+
+    Each strategy gets a new engine; its first test opens the connections and is
+    counted apart (``first_test``). The ``tests`` tests after it are all counted:
+    the mean and the maximum, not a median, so that a test that costs more every
+    few runs (a driver preparing a statement, then deallocating it) shows.
+    """
     counts: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sa_rollback_bench_trace_") as tmp:
         for body_key in BODIES:
@@ -80,32 +85,35 @@ def count_round_trips(
                     strategy.open()
                     tracer.attach(admin.conn)
                     try:
-                        trips: list[int] = []
-                        conns: list[int] = []
-                        statements: list[str] = []
-                        first = 0
-                        for i in range(6 + tests):
+                        windows: list[Window] = []
+                        for _ in range(1 + tests):
                             mark = tracer.mark()
                             run_one(strategy, body, schema)
-                            window = tracer.since(mark)
-                            if i == 0:
-                                first = window.round_trips
-                            if i >= 6:
-                                trips.append(window.round_trips)
-                                conns.append(window.new_connections)
-                                statements = window.statements
+                            windows.append(tracer.since(mark))
                     finally:
                         strategy.close()
-                per_body[key] = {
-                    "round_trips": sorted(trips)[len(trips) // 2],
-                    "min": min(trips),
-                    "max": max(trips),
-                    "first_test": first,
-                    "connections_opened": sorted(conns)[len(conns) // 2],
-                    "statements": statements,
-                }
+                per_body[key] = trip_counts(windows[0], windows[1:])
             counts[body_key] = per_body
     return counts
+
+
+def trip_counts(first: Window, windows: list[Window]) -> dict[str, Any]:
+    """Exact round-trip figures of a run of tests: every count, their mean and maximum, and what was sent."""
+    trips = [w.round_trips for w in windows]
+    # The statements of the first test with the fewest and of the first with the most round trips.
+    fewest = min(windows, key=lambda w: w.round_trips)
+    most = max(windows, key=lambda w: w.round_trips)
+    return {
+        "tests": len(trips),
+        "mean": sum(trips) / len(trips),
+        "min": min(trips),
+        "max": max(trips),
+        "per_test": trips,
+        "first_test": first.round_trips,
+        "connections_opened_mean": sum(w.new_connections for w in windows) / len(windows),
+        "statements": fewest.statements,
+        "statements_max": most.statements,
+    }
 
 
 def core_scope_cost(iterations: int, reps: int) -> dict[str, Any]:
@@ -188,12 +196,14 @@ def _headline(stats: dict[str, Any]) -> str:
     parts = []
     for key, entry in stats.items():
         if key == "none":
-            parts.append(f"none {entry['ms']['median']:.2f} ms")
+            parts.append(f"none {entry['ms']['mean']:.2f} ms")
         else:
-            parts.append(f"{key} {entry['vs_none']['diff']['median']:+.2f}")
+            parts.append(f"{key} {entry['vs_none']['diff']['mean']:+.2f}")
     return ", ".join(parts)
 
 
 def _trips(results: dict[str, Any], size: int) -> str:
     write = results["round_trips"][str(size)]["write"]
-    return "body (a): " + ", ".join(f"{key} {entry['round_trips']}" for key, entry in write.items())
+    return "body (a), mean (max): " + ", ".join(
+        f"{key} {entry['mean']:.2f} ({entry['max']})" for key, entry in write.items()
+    )

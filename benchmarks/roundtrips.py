@@ -25,8 +25,6 @@ from psycopg.pq import Trace
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from sa_rollback._state import STATE
-
 _LIBC = ctypes.CDLL(None)
 _LIBC.fdopen.restype = ctypes.c_void_p
 _LIBC.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
@@ -169,8 +167,8 @@ class Tracer:
         self._traced.append(traced)
 
     def attach_physicals(self) -> None:
-        for phys in list(STATE.physicals.values()):
-            self.attach(phys.conn)
+        for conn in _physical_connections():
+            self.attach(conn)
 
     def mark(self) -> dict[Path, int]:
         # libpq writes through stdio; fflush(NULL) flushes every trace stream at once.
@@ -212,6 +210,22 @@ class Tracer:
             os.close(traced.fd)
         self._traced.clear()
         self._ids.clear()
+
+
+def _physical_connections() -> list[Any]:
+    """sa_rollback's shared connections that exist already (those made later pass the Pool listener).
+
+    Read from private structures, which ``compare_revs`` may find changed in
+    another revision: then only connections made while tracing are traced.
+    """
+    try:
+        from sa_rollback._state import STATE
+    except ImportError:
+        return []
+    physicals = getattr(STATE, "physicals", None)
+    if not isinstance(physicals, dict):
+        return []
+    return [conn for conn in (getattr(p, "conn", None) for p in list(physicals.values())) if conn is not None]
 
 
 _ACTIVE: list[Tracer] = []

@@ -81,11 +81,15 @@ class Driver:
             conn.rollback()
             return
         try:
-            self.execute(conn, "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+            self.execute(conn, self._forget_prepared(conn) + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
         except BaseException:
             if not self.closed(conn):
                 conn.rollback()
             raise
+
+    def _forget_prepared(self, conn: Any) -> str:
+        """What the driver's own ``rollback()`` does to its prepared statements, as SQL to send before the ROLLBACK."""
+        return ""
 
     def dead(self, conn: Any) -> bool:
         """Did the server drop this idle connection (backend terminated, restart)? No round trip.
@@ -177,6 +181,36 @@ class _Psycopg2(Driver):
 class _Psycopg3(Driver):
     def status(self, conn: Any) -> int:
         return int(conn.pgconn.transaction_status)
+
+    def _forget_prepared(self, conn: Any) -> str:
+        """Empty psycopg's prepared-statement cache, as its ``rollback()`` does; the DEALLOCATE it needs, if any.
+
+        psycopg prepares a statement the sixth time it runs on a connection,
+        and its ``rollback()`` forgets what it counted and deallocates what it
+        prepared: a rolled-back transaction may have dropped or altered what
+        a prepared statement refers to (after a rolled-back ``ALTER TABLE``, a
+        prepared ``SELECT *`` fails with "cached plan must not change result
+        type"). After a textual ``ROLLBACK`` it deallocates too, in a round
+        trip of its own, but keeps the counts: the statements that every test
+        runs once got prepared in every sixth test, used once, and deallocated.
+
+        Here the cache is emptied before the rollback, and the ``DEALLOCATE
+        ALL`` goes first in the rollback's own round trip. Prepared statements
+        are not transactional, so it holds even when the deferred-constraint
+        check after it fails. The cache is private to psycopg (``_prepared``,
+        3.1 to 3.3); without it, psycopg handles the ``ROLLBACK`` as before.
+        """
+        manager = getattr(conn, "_prepared", None)
+        clear = getattr(manager, "clear", None)
+        if clear is None or not clear():
+            return ""  # nothing was prepared; the counts are forgotten
+        # clear() queued the DEALLOCATE ALL for after the next statement (3.2+: _to_flush, 3.1: _maint_commands).
+        for name in ("_to_flush", "_maint_commands"):
+            queue = getattr(manager, name, None)
+            if queue is not None:
+                queue.clear()
+                return "DEALLOCATE ALL; "
+        return ""
 
     def make_physical(self, conn: Any) -> None:
         if conn.pgconn.transaction_status != IDLE:

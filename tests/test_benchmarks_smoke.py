@@ -62,7 +62,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pat
 def test_outputs_written(smoke: tuple[dict[str, Any], Path]) -> None:
     results, out = smoke
     text = (out / "results.md").read_text()
-    for heading in ("Per-test time", "Round trips per test", "Whole suite", "no database", "Provisioning"):
+    for heading in ("Per-test time", "Round trips per test", "Hot path", "Whole suite", "no database", "Provisioning"):
         assert heading in text
     machine = results["meta"]["machine"]
     assert machine["nproc"] >= 1 and machine["postgresql"] and machine["sqlalchemy"]
@@ -77,31 +77,37 @@ def test_paired_timings_are_sane(smoke: tuple[dict[str, Any], Path]) -> None:
         cell = results["timing"][size][body]
         assert set(cell) == set(STRATEGIES)
         for key, entry in cell.items():
-            assert _finite_positive(entry["ms"]["median"]), (body, key)
+            assert _finite_positive(entry["ms"]["mean"]), (body, key)
             assert entry["rounds"] >= 2
-            assert entry["ms"]["p25"] <= entry["ms"]["median"] <= entry["ms"]["p75"]
-            if key != "none":
-                assert math.isfinite(entry["vs_none"]["diff"]["median"])
-                assert _finite_positive(entry["vs_none"]["ratio"]["median"])
+            assert entry["ms"]["min"] <= entry["ms"]["mean"] <= entry["ms"]["max"]
+            assert entry["ms"]["ci95"] >= 0
+            for ref in ("none", "recipe", "sa_rollback"):
+                if key != ref:
+                    assert math.isfinite(entry[f"vs_{ref}"]["diff"]["mean"]), (body, key, ref)
 
 
 def test_round_trips_are_exact_counts(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     (size,) = results["round_trips"]
     trips = results["round_trips"][size]
-    for body in ("write", "read"):
+    for body in BODIES:
         for key in STRATEGIES:
-            count = trips[body][key]["round_trips"]
-            assert isinstance(count, int) and count > 0, (body, key, count)
-    for key in STRATEGIES:
-        assert isinstance(trips["nodb"][key]["round_trips"], int)
+            entry = trips[body][key]
+            # Every test of the run is counted, one exact integer each.
+            assert len(entry["per_test"]) == entry["tests"] >= 6, (body, key)
+            assert all(isinstance(n, int) for n in entry["per_test"]), (body, key)
+            assert entry["mean"] == sum(entry["per_test"]) / entry["tests"]
+            assert entry["max"] == max(entry["per_test"])
+            if body != "nodb":
+                assert entry["min"] > 0, (body, key)
     # No database touched: the transactional strategies send nothing; TRUNCATE still truncates.
-    assert trips["nodb"]["none"]["round_trips"] == 0
-    assert trips["nodb"]["sa_rollback"]["round_trips"] == 0
-    assert trips["nodb"]["truncate"]["round_trips"] > 0
-    statements = trips["write"]["sa_rollback"]["statements"]
-    assert len(statements) == trips["write"]["sa_rollback"]["round_trips"]
-    assert any(s.startswith("INSERT") for s in statements)
+    assert trips["nodb"]["none"]["max"] == 0
+    assert trips["nodb"]["sa_rollback"]["max"] == 0
+    assert trips["nodb"]["truncate"]["min"] > 0
+    sar = trips["write"]["sa_rollback"]
+    assert len(sar["statements"]) == sar["min"]
+    assert len(sar["statements_max"]) == sar["max"]
+    assert any(s.startswith("INSERT") for s in sar["statements"])
 
 
 def test_leftovers_show_what_isolates(smoke: tuple[dict[str, Any], Path]) -> None:
@@ -112,18 +118,64 @@ def test_leftovers_show_what_isolates(smoke: tuple[dict[str, Any], Path]) -> Non
         assert left[key] == 0, key
 
 
+def test_hot_path_is_measured_and_counted(smoke: tuple[dict[str, Any], Path]) -> None:
+    results, _ = smoke
+    hot = results["hot_path"]
+    for driver in ("psycopg", "psycopg2"):
+        entry = hot["drivers"][driver]
+        calls = entry["checkout"]["calls"]
+        # Exact counts: outside a scope the listeners return at once; inside, the plugin's code runs.
+        assert calls["outside"]["sa_rollback_calls"] < calls["in_scope"]["sa_rollback_calls"]
+        assert calls["in_scope"]["sa_rollback_calls"] < calls["before_first_statement"]["sa_rollback_calls"]
+        for stat in (entry["checkout"]["in_scope"]["plugin_us"], entry["statement"]["dbapi"]["plugin_us"]):
+            assert math.isfinite(stat["mean"]) and stat["n"] >= 2
+        assert entry["statement"]["dbapi"]["extra_calls"] > 0
+        assert _finite_positive(entry["liveness"]["dead_us"]["n"])
+    nodb = hot["nodb_test"]
+    assert nodb["pairs"] >= 50 and math.isfinite(nodb["plugin_us"]["mean"])
+    assert nodb["moved_hooks"], "the plugin's per-test hooks were found and switched"
+    assert nodb["plugin_calls"]["mean"] > 0 and nodb["calls_on"]["mean"] > nodb["calls_off"]["mean"]
+
+
+def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
+    out = tmp_path / "cmp.json"
+    script = REPO / "benchmarks" / "compare_revs.py"
+    options = ["--url", ADMIN_URL, "--tag", "smokecmp", "--rounds", "2", "--tests", "2", "--count", "6"]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REPO), str(REPO), *options, "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"compare_revs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "| write |" in proc.stdout and "| read |" in proc.stdout
+    result = json.loads(out.read_text())
+    for body in ("write", "read"):
+        entry = result["bodies"][body]
+        assert entry["cpu"]["b_minus_a_us"]["n"] == 2
+        # The same code on both sides sends the same statements.
+        assert entry["round_trips"]["a"]["per_test"] == entry["round_trips"]["b"]["per_test"]
+        assert len(entry["round_trips"]["a"]["per_test"]) == 6 and entry["round_trips"]["a"]["min"] > 0
+    with psycopg.connect(libpq_dsn(make_url(ADMIN_URL).database or "postgres"), autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", ("sa\\_rollback\\_bench\\_smokecmp\\_%",)
+        ).fetchall()
+    assert left == []
+
+
 def test_suites_and_costs_are_measured(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     for key, entry in results["suites"]["strategies"].items():
-        assert _finite_positive(entry["wall_s_serial"]["median"]), key
+        assert _finite_positive(entry["wall_s_serial"]["mean"]), key
     for key in ("pytest", "pytest_lean"):
         pytest_level = results["nodb"][key]
-        assert _finite_positive(pytest_level["plain_us_per_test"]["median"]), key
-        assert _finite_positive(pytest_level["plugin_us_per_test"]["median"]), key
-    assert _finite_positive(results["nodb"]["core"]["scope_us"]["median"])
+        assert _finite_positive(pytest_level["plain_us_per_test"]["mean"]), key
+        assert _finite_positive(pytest_level["plugin_us_per_test"]["mean"]), key
+    assert _finite_positive(results["nodb"]["core"]["scope_us"]["mean"])
     for entry in results["provisioning"]["databases"].values():
-        assert _finite_positive(entry["clone_from_template_ms"]["median"])
-        assert _finite_positive(entry["create_all_ms"]["median"])
+        assert _finite_positive(entry["clone_from_template_ms"]["mean"])
+        assert _finite_positive(entry["create_all_ms"]["mean"])
 
 
 def test_databases_cleaned_up(smoke: tuple[dict[str, Any], Path]) -> None:

@@ -1,0 +1,93 @@
+"""Prepared statements on the shared connection (psycopg 3 prepares a statement the sixth time it runs).
+
+The test's rollback forgets them, as psycopg's own ``rollback()`` does, and in
+the same round trip: every test costs the same round trips, and no statement
+prepared inside a test outlives the DDL that the rollback undid.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from psycopg.pq import Trace
+from sqlalchemy.orm import Session
+
+import sa_rollback
+from sa_rollback._proxy import LogicalConnection
+
+DEFERRED = """
+CREATE TABLE sar_parent (id int PRIMARY KEY);
+CREATE TABLE sar_child (parent_id int REFERENCES sar_parent DEFERRABLE INITIALLY DEFERRED);
+INSERT INTO sar_child VALUES (1)
+"""
+
+
+def _check_nothing_prepared(engine: sa.Engine) -> None:
+    with sa_rollback.rollback_scope():
+        with engine.connect() as conn:
+            # A statement still prepared would fail: "cached plan must not change result type".
+            assert list(conn.exec_driver_sql("SELECT * FROM items").keys()) == ["id", "name", "qty"]
+            # Forgotten by the driver, and deallocated on the server (which would otherwise keep them all).
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_prepared_statements").scalar() == 0
+
+
+def _prepare_against_altered_table(engine: sa.Engine, violate_deferred: bool) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE items ADD COLUMN sar_extra int")
+        if violate_deferred:
+            conn.exec_driver_sql(DEFERRED)
+        for _ in range(7):  # psycopg prepares it the sixth time
+            assert list(conn.exec_driver_sql("SELECT * FROM items").keys()) == ["id", "name", "qty", "sar_extra"]
+
+
+@pytest.mark.parametrize("check_deferred", [True, False])
+def test_prepared_statement_does_not_outlive_rolled_back_ddl(engine: sa.Engine, check_deferred: bool) -> None:
+    with sa_rollback.rollback_scope(check_deferred=check_deferred):
+        _prepare_against_altered_table(engine, violate_deferred=False)
+    _check_nothing_prepared(engine)
+
+
+def test_prepared_statement_forgotten_when_the_deferred_check_fails(engine: sa.Engine) -> None:
+    with pytest.raises(sa_rollback.DeferredConstraintError):
+        with sa_rollback.rollback_scope():
+            _prepare_against_altered_table(engine, violate_deferred=True)
+    _check_nothing_prepared(engine)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="psycopg traces libpq on Linux only")
+@pytest.mark.parametrize("driver", ["psycopg"])  # psycopg2 prepares nothing
+def test_every_test_costs_the_same_round_trips(driver: str, engine: sa.Engine, tmp_path: Path) -> None:
+    """Twelve ORM tests (insert, commit, select): 5 round trips each, also when a statement reaches psycopg's
+    threshold of five runs on the shared connection, which happens every sixth test if the rollback does
+    not make psycopg forget its counts."""
+
+    def orm_test() -> None:
+        with Session(engine) as session:
+            session.execute(sa.text("INSERT INTO items (name) VALUES ('x')"))
+            session.commit()
+            assert session.execute(sa.text("SELECT name FROM items WHERE name = 'x'")).scalars().all() == ["x"]
+
+    with sa_rollback.rollback_scope():
+        orm_test()
+        with engine.connect() as conn:
+            logical = conn.connection.dbapi_connection
+            assert isinstance(logical, LogicalConnection)
+            pgconn = logical._phys.conn.pgconn
+    trace = tmp_path / "trace"
+    fd = os.open(trace, os.O_WRONLY | os.O_CREAT, 0o600)
+    pgconn.trace(fd)
+    pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+    try:
+        for _ in range(12):
+            with sa_rollback.rollback_scope():
+                orm_test()
+    finally:
+        pgconn.untrace()  # flushes the trace
+        os.close(fd)
+    sent = [line.split("\t")[2] for line in trace.read_text().splitlines() if line.startswith("F\t")]
+    # A round trip ends with a simple Query, or with the Sync of an extended-protocol statement.
+    assert sum(kind in ("Query", "Sync") for kind in sent) == 12 * 5, sent
