@@ -187,7 +187,7 @@ def liveness_check_cost(engine: sa.Engine, iterations: int, rounds: int) -> dict
         with engine.connect() as conn:
             logical = conn.connection.dbapi_connection
             assert isinstance(logical, LogicalConnection)
-            phys = logical._phys
+            phys = logical.phys
     driver, real = phys.driver, phys.conn
     samples = paired_blocks(
         {"dead": _timed(lambda: driver.dead(real)), "empty_call": _timed(lambda: None)}, iterations, rounds
@@ -211,7 +211,7 @@ def _logical_and_physical(engine: sa.Engine) -> Iterator[tuple[Any, Any, Logical
             assert isinstance(logical, LogicalConnection)
             logical_cursor = logical.cursor()
             logical_cursor.execute("SELECT 1")  # opens the frame: the statements below run inside it
-            physical_cursor = logical._phys.conn.cursor()
+            physical_cursor = logical.phys.conn.cursor()
             yield logical_cursor, physical_cursor, logical
         finally:
             raw.close()
@@ -243,7 +243,7 @@ def statement_cost(engine: sa.Engine, iterations: int, rounds: int) -> dict[str,
             physical_cursor.fetchone()
 
         def run_only() -> None:
-            logical._run(physical_cursor, noop, sql, (None,), {}, None)
+            logical.run_statement(physical_cursor, noop, sql, (None,), {}, None)
 
         def noop_only() -> None:
             noop(sql, None)
