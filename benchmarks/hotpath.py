@@ -222,7 +222,7 @@ def statement_cost(engine: sa.Engine, iterations: int, rounds: int) -> dict[str,
 
     Both run in the same transaction, on the same connection, with one round
     trip each: the difference is the plugin's code (the cursor wrapper and
-    ``LogicalConnection._run``). ``run_only`` times ``_run`` with a statement
+    ``LogicalConnection.run_statement``). ``run_only`` times ``run_statement`` with a statement
     function that does nothing, which leaves out the driver and the network;
     ``sqlalchemy`` is ``connection.exec_driver_sql("SELECT 1")`` inside a
     scope against the same outside one, in a transaction too.
@@ -477,7 +477,7 @@ def run_hot_path(admin: Admin, plan: Plan, progress: Progress) -> dict[str, Any]
             f"hot path {driver}: checkout in scope +{checkout['in_scope']['plugin_us']['mean']:.1f} us, before the "
             f"first statement +{checkout['before_first_statement']['plugin_us']['mean']:.1f} us; statement "
             f"+{entry['statement']['dbapi']['plugin_us']['mean']:.1f} us (dbapi), "
-            f"{entry['statement']['run_only']['plugin_us']['mean']:.1f} us (_run alone)"
+            f"{entry['statement']['run_only']['plugin_us']['mean']:.1f} us (run_statement alone)"
         )
     # The timing driver's figures are the headline ones.
     out["checkout"] = out["drivers"]["psycopg"]["checkout"]
