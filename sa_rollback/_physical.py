@@ -24,7 +24,9 @@ from typing import Any, Optional, Protocol
 from ._drivers import IDLE, INERROR, DatabaseKey, Driver
 from ._history import Frame, Savepoint, SavepointStack, ScopeLike, fresh
 from ._lock import SharedLock
+from ._sequences import snapshot
 from .errors import (
+    ConfigurationError,
     ConnectionLostError,
     DeferredConstraintError,
     LockTimeoutError,
@@ -243,6 +245,15 @@ class Physical:
                 logical.frame_closed(frame)
 
     def _open_frame(self, scope: ScopeLike) -> Frame:
+        reset = scope.reset_sequences
+        if reset and not scope.may_reset_sequences(self.key.dbname):
+            raise ConfigurationError(
+                f"{scope.label}: reset_sequences is on, but {self.key.describe()} is not a database "
+                "sa_rollback created for this run. Putting its sequences back could hand out again "
+                "values that another process already holds, so sa_rollback does not touch them. Run "
+                "the tests on a clone (--sa-schema, for example 'existing'), or turn reset_sequences "
+                "off for this test."
+            )
         if self.frames:
             base = self.push_savepoint(None)
         else:
@@ -255,6 +266,9 @@ class Physical:
         base.marks = fresh(self.seq)
         base.is_base = True
         frame = Frame(scope, base)
+        if reset:
+            self._check_driver_free()
+            frame.reset_sql = snapshot(self.driver.name, self.conn)
         self.frames.append(frame)
         scope.touched(self)
         return frame
@@ -334,6 +348,9 @@ class Physical:
     def _rollback_frame(self, frame: Frame, check: bool) -> None:
         """Roll back to the frame's base, checking deferred constraints first when asked."""
         base = frame.base
+        if base.is_start and frame.reset_sql:
+            self._rollback_outer_restoring(frame, check)
+            return
         if base.is_start:
             try:
                 self.driver.rollback_outer(self.conn, check)
@@ -345,6 +362,8 @@ class Physical:
             self.stack.clear()
             return
         undo = f"ROLLBACK TO SAVEPOINT {base.name}; RELEASE SAVEPOINT {base.name}"
+        if frame.reset_sql:
+            undo = f"{undo}; {frame.reset_sql}"
         try:
             self.execute(f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
         except Exception as exc:
@@ -354,6 +373,26 @@ class Physical:
             self.stack.cut(base.index)
             raise self._deferred_error(frame, exc) from exc
         self.stack.cut(base.index)
+
+    def _rollback_outer_restoring(self, frame: Frame, check: bool) -> None:
+        """Roll back the outer transaction and put the sequences back, in one round trip.
+
+        The restore runs after the ROLLBACK, outside any transaction; psycopg2
+        still believes one is open, which :meth:`Driver.begin_outer` handles.
+        """
+        undo = f"ROLLBACK; {frame.reset_sql}"
+        try:
+            self.execute(f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
+        except Exception as exc:
+            self.stack.clear()
+            if self.driver.closed(self.conn):
+                raise
+            self.conn.rollback()
+            self.execute(undo)
+            if check:
+                raise self._deferred_error(frame, exc) from exc
+            raise
+        self.stack.clear()
 
     def _deferred_error(self, frame: Frame, exc: BaseException) -> DeferredConstraintError:
         constraint = self.driver.constraint_name(exc)

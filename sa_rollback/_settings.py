@@ -94,6 +94,16 @@ OPTIONS: tuple[Option, ...] = (
         default=True,
     ),
     Option(
+        "reset_sequences",
+        "--sa-reset-sequences",
+        "sa_rollback_reset_sequences",
+        "SA_ROLLBACK_RESET_SEQUENCES",
+        "Put every sequence back after each test, so that each test gets the ids it would get first "
+        "after its scope opened",
+        kind="bool",
+        default=False,
+    ),
+    Option(
         "server_dir",
         "--sa-server-dir",
         "sa_rollback_server_dir",
@@ -119,6 +129,7 @@ class Settings:
     export_env: Optional[str] = _DEFAULTS["export_env"]
     lock_timeout: float = _DEFAULTS["lock_timeout"]
     check_deferred: bool = _DEFAULTS["check_deferred"]
+    reset_sequences: bool = _DEFAULTS["reset_sequences"]
     server_dir: Path = Path(_DEFAULTS["server_dir"])
 
 

@@ -71,8 +71,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(databases.run_id), "sa_rollback_xdist")
     config.addinivalue_line(
         "markers",
-        "sa_rollback(enabled=True, real_commits=False): enabled=False lets this test's writes through "
-        "for real; real_commits=True commits for real and restores the databases afterwards",
+        "sa_rollback(enabled=True, real_commits=False, reset_sequences=None): enabled=False lets this "
+        "test's writes through for real; real_commits=True commits for real and restores the databases "
+        "afterwards; reset_sequences=True puts every sequence back after the test (default: the "
+        "--sa-reset-sequences setting)",
     )
     used = [key for key in _LEGACY_INI if config.getini(key)]
     if used:
@@ -132,9 +134,30 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         STATE.close_all()
 
 
-def _marker_args(enabled: bool = True, real_commits: bool = False) -> tuple[bool, bool]:
-    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error."""
+def _marker_args(
+    enabled: bool = True, real_commits: bool = False, *, reset_sequences: Optional[bool] = None
+) -> tuple[bool, bool]:
+    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error.
+
+    ``reset_sequences`` is read by :func:`_resets_sequences`.
+    """
     return bool(enabled), bool(real_commits)
+
+
+def _resets_sequences(item: pytest.Item) -> bool:
+    """The marker's ``reset_sequences``, else the setting."""
+    marker = item.get_closest_marker("sa_rollback")
+    value = marker.kwargs.get("reset_sequences") if marker is not None else None
+    if value is None:
+        return bool(item.config.stash[settings_key].reset_sequences)
+    return bool(value)
+
+
+def _sequence_scope_args(item: pytest.Item) -> dict[str, Any]:
+    """The RollbackScope arguments of a test that resets sequences: only on databases sa_rollback made."""
+    if not _resets_sequences(item):
+        return {}
+    return {"reset_sequences": True, "sequence_databases": item.config.stash[databases_key].get().owned()}
 
 
 def _begin(item: pytest.Item) -> None:
@@ -161,7 +184,7 @@ def _begin(item: pytest.Item) -> None:
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
-    scope = RollbackScope(item.nodeid, check_deferred=settings.check_deferred).__enter__()
+    scope = RollbackScope(item.nodeid, check_deferred=settings.check_deferred, **_sequence_scope_args(item)).__enter__()
     item.stash[scope_key] = scope
     item.addfinalizer(scope.close)
 
