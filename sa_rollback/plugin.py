@@ -153,11 +153,23 @@ def _resets_sequences(item: pytest.Item) -> bool:
     return bool(value)
 
 
-def _sequence_scope_args(item: pytest.Item) -> dict[str, Any]:
-    """The RollbackScope arguments of a test that resets sequences: only on databases sa_rollback made."""
-    if not _resets_sequences(item):
+def _sequence_scope_args(config: pytest.Config, reset: bool) -> dict[str, Any]:
+    """The RollbackScope arguments that reset sequences, when asked: only on databases sa_rollback made."""
+    if not reset:
         return {}
-    return {"reset_sequences": True, "sequence_databases": item.config.stash[databases_key].get().owned()}
+    return {"reset_sequences": True, "sequence_databases": config.stash[databases_key].get().owned()}
+
+
+#: does any test of the session reset sequences? (then wider fixtures' data scopes do too)
+_any_resets_key = pytest.StashKey[bool]()
+
+
+def _data_scope_resets(request: pytest.FixtureRequest) -> bool:
+    """A data scope puts sequences back when it ends if any test resets them, so that they start where it began."""
+    config = request.config
+    if _any_resets_key not in config.stash:
+        config.stash[_any_resets_key] = any(_resets_sequences(item) for item in request.session.items)
+    return config.stash[_any_resets_key]
 
 
 def _begin(item: pytest.Item) -> None:
@@ -184,7 +196,11 @@ def _begin(item: pytest.Item) -> None:
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
-    scope = RollbackScope(item.nodeid, check_deferred=settings.check_deferred, **_sequence_scope_args(item)).__enter__()
+    scope = RollbackScope(
+        item.nodeid,
+        check_deferred=settings.check_deferred,
+        **_sequence_scope_args(item.config, _resets_sequences(item)),
+    ).__enter__()
     item.stash[scope_key] = scope
     item.addfinalizer(scope.close)
 
@@ -302,7 +318,8 @@ def pytest_fixture_setup(
     keep = _open_data_scope(fixturedef, request)
     with suspended(keep):
         label = f"{fixturedef.argname} ({fixturedef.scope} fixture)"
-        scope = RollbackScope(label, check_deferred=settings.check_deferred).__enter__()
+        resets = _sequence_scope_args(request.config, _data_scope_resets(request))
+        scope = RollbackScope(label, check_deferred=settings.check_deferred, **resets).__enter__()
         request.config.stash[ranks_key][id(scope)] = _RANK[fixturedef.scope]
         # Registered before the fixture's own teardown, so it runs after it.
         request.addfinalizer(lambda: _close_data_scope(request.config, scope))
