@@ -254,21 +254,27 @@ class Physical:
                 "the tests on a clone (--sa-schema, for example 'existing'), or turn reset_sequences "
                 "off for this test."
             )
+        reset_sql = ""
         if self.frames:
             base = self.push_savepoint(None)
+            if reset:
+                self._check_driver_free()
+                reset_sql = snapshot(self.driver.name, self.conn, begin=False)
         else:
             if self.driver.status(self.conn) != IDLE:
                 # Left over from a scope whose rollback failed half way.
                 self.conn.rollback()
-            self.driver.begin_outer(self.conn)
+            if reset:
+                self._check_driver_free()
+                reset_sql = snapshot(self.driver.name, self.conn, begin=True)
+            else:
+                self.driver.begin_outer(self.conn)
             base = Savepoint(None, self.seq, fresh(self.seq))
         # Rolling back to a frame's base restores the frame's empty history.
         base.marks = fresh(self.seq)
         base.is_base = True
         frame = Frame(scope, base)
-        if reset:
-            self._check_driver_free()
-            frame.reset_sql = snapshot(self.driver.name, self.conn)
+        frame.reset_sql = reset_sql
         self.frames.append(frame)
         scope.touched(self)
         return frame
@@ -375,12 +381,20 @@ class Physical:
         self.stack.cut(base.index)
 
     def _rollback_outer_restoring(self, frame: Frame, check: bool) -> None:
-        """Roll back the outer transaction and put the sequences back, in one round trip.
+        """Put the sequences back and roll back the outer transaction, in one round trip.
 
-        The restore runs after the ROLLBACK, outside any transaction; psycopg2
-        still believes one is open, which :meth:`Driver.begin_outer` handles.
+        ``setval`` is not transactional: run inside the transaction, it
+        survives the ROLLBACK, and it costs no commit (after the ROLLBACK, its
+        implicit transaction would commit and wait for the WAL flush, several
+        milliseconds). An aborted transaction cannot run it: then it runs
+        after the ROLLBACK, outside any transaction, and psycopg2, which still
+        believes one is open, is handled by :meth:`Driver.begin_outer`.
         """
-        undo = f"ROLLBACK; {frame.reset_sql}"
+        after = f"ROLLBACK; {frame.reset_sql}"
+        if self.driver.status(self.conn) == INERROR:
+            undo = after
+        else:
+            undo = f"{frame.reset_sql}; ROLLBACK"
         try:
             self.execute(f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
         except Exception as exc:
@@ -388,7 +402,7 @@ class Physical:
             if self.driver.closed(self.conn):
                 raise
             self.conn.rollback()
-            self.execute(undo)
+            self.execute(after)
             if check:
                 raise self._deferred_error(frame, exc) from exc
             raise

@@ -46,11 +46,37 @@ def restore_sql(rows: Sequence[Sequence[Any]]) -> str:
     )
 
 
-def snapshot(driver_name: str, conn: Any) -> str:
-    """Read the database's sequences on ``conn`` (one round trip); return their restore statement."""
-    with conn.cursor() as cur:
-        if driver_name == "psycopg":
+#: psycopg2.extensions.STATUS_BEGIN: psycopg2 believes a transaction is open (it sends no BEGIN)
+_PSYCOPG2_STATUS_BEGIN = 2
+
+
+def snapshot(driver_name: str, conn: Any, begin: bool) -> str:
+    """Read the database's sequences on ``conn`` (one round trip); return their restore statement.
+
+    ``begin``: the connection is idle on the server and the outer transaction
+    starts here. Where the driver allows, the BEGIN goes in the same round
+    trip, in place of the one the driver would send on its own.
+    """
+    if driver_name == "psycopg":
+        if begin:
+            return restore_sql(_begin_psycopg3(conn))
+        with conn.cursor() as cur:
             cur.execute(SNAPSHOT, prepare=False)
-        else:
-            cur.execute(SNAPSHOT)
+            return restore_sql(cur.fetchall())
+    with conn.cursor() as cur:
+        # After a textual ROLLBACK, psycopg2 still believes a transaction is
+        # open and sends no BEGIN of its own: send it here.
+        explicit = begin and conn.status == _PSYCOPG2_STATUS_BEGIN
+        cur.execute(f"BEGIN; {SNAPSHOT}" if explicit else SNAPSHOT)
         return restore_sql(cur.fetchall())
+
+
+def _begin_psycopg3(conn: Any) -> list[tuple[Optional[int], ...]]:
+    """BEGIN and the snapshot in one round trip, below psycopg 3's cursor (which would send its own BEGIN)."""
+    from psycopg import errors, pq
+
+    result = conn.pgconn.exec_(f"BEGIN; {SNAPSHOT}".encode())
+    if result.status != pq.ExecStatus.TUPLES_OK:
+        raise errors.error_from_result(result, encoding=conn.info.encoding)
+    values = ((result.get_value(row, col) for col in range(result.nfields)) for row in range(result.ntuples))
+    return [tuple(None if v is None else int(v) for v in row) for row in values]
