@@ -59,6 +59,14 @@ OPTIONS: tuple[Option, ...] = (
         "'sql:FILE[,FILE...]', 'hook:module:function', or 'existing' to clone the database as it stands",
     ),
     Option(
+        "schema_inputs",
+        "--sa-schema-inputs",
+        "sa_rollback_schema_inputs",
+        "SA_ROLLBACK_SCHEMA_INPUTS",
+        "Further files that feed the schema (globs, separated by commas), whose contents go into the "
+        "template's fingerprint: the migrations a hook: schema runs, say",
+    ),
+    Option(
         "rebuild",
         "--sa-rebuild",
         "sa_rollback_rebuild",
@@ -125,6 +133,7 @@ class Settings:
     enabled: bool = _DEFAULTS["enabled"]
     url: Optional[str] = _DEFAULTS["url"]
     schema: Optional[str] = _DEFAULTS["schema"]
+    schema_inputs: Optional[str] = _DEFAULTS["schema_inputs"]
     rebuild: bool = _DEFAULTS["rebuild"]
     export_env: Optional[str] = _DEFAULTS["export_env"]
     lock_timeout: float = _DEFAULTS["lock_timeout"]

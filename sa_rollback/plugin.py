@@ -117,12 +117,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if databases is None:
         return
     for name, seconds in databases.builds:
-        terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s")
+        terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s{databases.fingerprinted()}")
     provisioned = databases.provisioned
     if provisioned is None or not provisioned.template or provisioned.template == provisioned.database:
         return
     if not databases.builds and "_sar_tpl_" in provisioned.template:
-        terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}")
+        terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}{databases.fingerprinted()}")
     terminalreporter.write_line(f"sa_rollback: test database {provisioned.database} (clone of {provisioned.template})")
 
 
