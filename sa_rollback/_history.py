@@ -35,6 +35,8 @@ class ScopeLike(Protocol):
     check_deferred: bool
     #: put the sequences back where they stood when the scope's frame opened
     reset_sequences: bool
+    #: on a database where it may not, fail (True) or leave the sequences alone (False)
+    refuse_other_sequences: bool
 
     def may_reset_sequences(self, dbname: str) -> bool: ...
 

@@ -245,8 +245,8 @@ class Physical:
                 logical.frame_closed(frame)
 
     def _open_frame(self, scope: ScopeLike) -> Frame:
-        reset = scope.reset_sequences
-        if reset and not scope.may_reset_sequences(self.key.dbname):
+        reset = scope.reset_sequences and scope.may_reset_sequences(self.key.dbname)
+        if scope.reset_sequences and not reset and scope.refuse_other_sequences:
             raise ConfigurationError(
                 f"{scope.label}: reset_sequences is on, but {self.key.describe()} is not a database "
                 "sa_rollback created for this run. Putting its sequences back could hand out again "

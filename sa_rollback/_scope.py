@@ -60,7 +60,8 @@ class RollbackScope:
     transactional: use it only on databases no other process uses at the same
     time. ``sequence_databases`` names the databases where that holds (None:
     any); using another one with ``reset_sequences`` raises
-    :class:`~sa_rollback.ConfigurationError`.
+    :class:`~sa_rollback.ConfigurationError`, or, with
+    ``refuse_other_sequences=False``, leaves its sequences alone.
 
     >>> with RollbackScope():
     ...     with engine.begin() as conn:
@@ -75,12 +76,14 @@ class RollbackScope:
         check_deferred: bool = True,
         reset_sequences: bool = False,
         sequence_databases: Optional[Collection[str]] = None,
+        refuse_other_sequences: bool = True,
     ) -> None:
         self.label = label
         self.lock_timeout = _check_timeout(STATE.lock_timeout if lock_timeout is None else lock_timeout)
         self.check_deferred = check_deferred
         self.reset_sequences = reset_sequences
         self._sequence_databases = None if sequence_databases is None else frozenset(sequence_databases)
+        self.refuse_other_sequences = refuse_other_sequences
         #: errors recorded during the scope, raised at exit
         self.errors: list[SaRollbackError] = []
         self._physicals: list[Physical] = []

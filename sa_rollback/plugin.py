@@ -319,6 +319,8 @@ def pytest_fixture_setup(
     with suspended(keep):
         label = f"{fixturedef.argname} ({fixturedef.scope} fixture)"
         resets = _sequence_scope_args(request.config, _data_scope_resets(request))
+        if resets:  # the tests that reset sequences report a database they may not reset; the data is no test
+            resets["refuse_other_sequences"] = False
         scope = RollbackScope(label, check_deferred=settings.check_deferred, **resets).__enter__()
         request.config.stash[ranks_key][id(scope)] = _RANK[fixturedef.scope]
         # Registered before the fixture's own teardown, so it runs after it.

@@ -130,6 +130,10 @@ def test_refused_on_a_database_not_listed(seq_engine: sa.Engine, positions: Call
         with sa_rollback.rollback_scope(reset_sequences=True, sequence_databases=["elsewhere"]):
             insert_everywhere(seq_engine)
     assert positions() == before
+    lenient = sa_rollback.RollbackScope(reset_sequences=True, sequence_databases=[], refuse_other_sequences=False)
+    with lenient:  # a data scope: it leaves them alone
+        insert_everywhere(seq_engine)
+    assert positions() != before
 
 
 def test_deferred_violation_still_resets(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
