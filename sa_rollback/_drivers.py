@@ -81,13 +81,13 @@ class Driver:
             conn.rollback()
             return
         try:
-            self.execute(conn, self._forget_prepared(conn) + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+            self.execute(conn, self.forget_prepared(conn) + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
         except BaseException:
             if not self.closed(conn):
                 conn.rollback()
             raise
 
-    def _forget_prepared(self, conn: Any) -> str:
+    def forget_prepared(self, conn: Any) -> str:
         """What the driver's own ``rollback()`` does to its prepared statements, as SQL to send before the ROLLBACK."""
         return ""
 
@@ -182,7 +182,7 @@ class _Psycopg3(Driver):
     def status(self, conn: Any) -> int:
         return int(conn.pgconn.transaction_status)
 
-    def _forget_prepared(self, conn: Any) -> str:
+    def forget_prepared(self, conn: Any) -> str:
         """Empty psycopg's prepared-statement cache, as its ``rollback()`` does; the DEALLOCATE it needs, if any.
 
         psycopg prepares a statement the sixth time it runs on a connection,

@@ -33,6 +33,12 @@ class ScopeLike(Protocol):
     label: str
     lock_timeout: float
     check_deferred: bool
+    #: put the sequences back where they stood when the scope's frame opened
+    reset_sequences: bool
+    #: on a database where it may not, fail (True) or leave the sequences alone (False)
+    refuse_other_sequences: bool
+
+    def may_reset_sequences(self, dbname: str) -> bool: ...
 
     @property
     def is_open(self) -> bool: ...
@@ -139,7 +145,7 @@ class SavepointStack:
 class Frame:
     """What one rollback scope did on one physical connection: its base point and its writes."""
 
-    __slots__ = ("base", "last_seq", "last_sql", "last_txn", "logicals", "prev_seq", "prev_sql", "scope")
+    __slots__ = ("base", "last_seq", "last_sql", "last_txn", "logicals", "prev_seq", "prev_sql", "reset_sql", "scope")
 
     def __init__(self, scope: ScopeLike, base: Savepoint) -> None:
         self.scope = scope
@@ -151,6 +157,8 @@ class Frame:
         self.prev_sql = ""
         #: the logical connections that ran statements in this frame
         self.logicals: set[Any] = set()
+        #: the statement that puts the sequences back after the frame's rollback (see _sequences)
+        self.reset_sql = ""
 
     def last_foreign(self, txn: int) -> int:
         """Number of the latest write in this frame by a transaction other than ``txn``."""

@@ -24,7 +24,9 @@ from typing import Any, Optional, Protocol
 from ._drivers import IDLE, INERROR, DatabaseKey, Driver
 from ._history import Frame, Savepoint, SavepointStack, ScopeLike, fresh
 from ._lock import SharedLock
+from ._sequences import snapshot
 from .errors import (
+    ConfigurationError,
     ConnectionLostError,
     DeferredConstraintError,
     LockTimeoutError,
@@ -243,18 +245,36 @@ class Physical:
                 logical.frame_closed(frame)
 
     def _open_frame(self, scope: ScopeLike) -> Frame:
+        reset = scope.reset_sequences and scope.may_reset_sequences(self.key.dbname)
+        if scope.reset_sequences and not reset and scope.refuse_other_sequences:
+            raise ConfigurationError(
+                f"{scope.label}: reset_sequences is on, but {self.key.describe()} is not a database "
+                "sa_rollback created for this run. Putting its sequences back could hand out again "
+                "values that another process already holds, so sa_rollback does not touch them. Run "
+                "the tests on a clone (--sa-schema, for example 'existing'), or turn reset_sequences "
+                "off for this test."
+            )
+        reset_sql = ""
         if self.frames:
             base = self.push_savepoint(None)
+            if reset:
+                self._check_driver_free()
+                reset_sql = snapshot(self.driver.name, self.conn, begin=False)
         else:
             if self.driver.status(self.conn) != IDLE:
                 # Left over from a scope whose rollback failed half way.
                 self.conn.rollback()
-            self.driver.begin_outer(self.conn)
+            if reset:
+                self._check_driver_free()
+                reset_sql = snapshot(self.driver.name, self.conn, begin=True)
+            else:
+                self.driver.begin_outer(self.conn)
             base = Savepoint(None, self.seq, fresh(self.seq))
         # Rolling back to a frame's base restores the frame's empty history.
         base.marks = fresh(self.seq)
         base.is_base = True
         frame = Frame(scope, base)
+        frame.reset_sql = reset_sql
         self.frames.append(frame)
         scope.touched(self)
         return frame
@@ -334,6 +354,9 @@ class Physical:
     def _rollback_frame(self, frame: Frame, check: bool) -> None:
         """Roll back to the frame's base, checking deferred constraints first when asked."""
         base = frame.base
+        if base.is_start and frame.reset_sql:
+            self._rollback_outer_restoring(frame, check)
+            return
         if base.is_start:
             try:
                 self.driver.rollback_outer(self.conn, check)
@@ -345,6 +368,8 @@ class Physical:
             self.stack.clear()
             return
         undo = f"ROLLBACK TO SAVEPOINT {base.name}; RELEASE SAVEPOINT {base.name}"
+        if frame.reset_sql:
+            undo = f"{undo}; {frame.reset_sql}"
         try:
             self.execute(f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
         except Exception as exc:
@@ -354,6 +379,36 @@ class Physical:
             self.stack.cut(base.index)
             raise self._deferred_error(frame, exc) from exc
         self.stack.cut(base.index)
+
+    def _rollback_outer_restoring(self, frame: Frame, check: bool) -> None:
+        """Put the sequences back and roll back the outer transaction, in one round trip.
+
+        ``setval`` is not transactional: run inside the transaction, it
+        survives the ROLLBACK, and it costs no commit (after the ROLLBACK, its
+        implicit transaction would commit and wait for the WAL flush, several
+        milliseconds). An aborted transaction cannot run it: then it runs
+        after the ROLLBACK, outside any transaction, and psycopg2, which still
+        believes one is open, is handled by :meth:`Driver.begin_outer`.
+        """
+        after = f"ROLLBACK; {frame.reset_sql}"
+        if self.driver.status(self.conn) == INERROR:
+            undo = after
+        else:
+            undo = f"{frame.reset_sql}; ROLLBACK"
+        # The same as Driver.rollback_outer does for psycopg 3's prepared statements.
+        forget = self.driver.forget_prepared(self.conn)
+        try:
+            self.execute(forget + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo))
+        except Exception as exc:
+            self.stack.clear()
+            if self.driver.closed(self.conn):
+                raise
+            self.conn.rollback()
+            self.execute(after)
+            if check:
+                raise self._deferred_error(frame, exc) from exc
+            raise
+        self.stack.clear()
 
     def _deferred_error(self, frame: Frame, exc: BaseException) -> DeferredConstraintError:
         constraint = self.driver.constraint_name(exc)

@@ -16,7 +16,7 @@ import pytest
 from ._scope import RollbackScope
 from ._settings import Settings
 from ._state import STATE
-from .databases import Plan, Provisioned, drop_run_clones, prepare, provision, teardown
+from .databases import Plan, Provisioned, drop_run_clones, prepare, provision, split_inputs, teardown
 from .errors import SaRollbackError, SaRollbackWarning
 
 T = TypeVar("T")
@@ -74,9 +74,15 @@ class Databases:
                     parallel=self.worker != "main" or is_xdist_controller(self.config),
                     rebuild=settings.rebuild,
                     on_build=lambda name, seconds: self.builds.append((name, seconds)),
+                    schema_inputs=split_inputs(settings.schema_inputs),
                 )
             )
         return self._plan
+
+    def fingerprinted(self) -> str:
+        """What the template's fingerprint was taken of, for the start-up line ("" if unknown)."""
+        inputs = self._plan.inputs if self._plan is not None else []
+        return f" (fingerprint of {', '.join(inputs)})" if inputs else ""
 
     def get(self) -> Provisioned:
         if self.provisioned is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Optional
@@ -54,6 +54,15 @@ class RollbackScope:
     :class:`~sa_rollback.DeferredConstraintError`, as the COMMIT would in
     production.
 
+    ``reset_sequences``: when the scope ends, every sequence of each database
+    it touched is put back where it stood when the scope first used that
+    database, so that the next scope hands out the same ids. ``setval`` is not
+    transactional: use it only on databases no other process uses at the same
+    time. ``sequence_databases`` names the databases where that holds (None:
+    any); using another one with ``reset_sequences`` raises
+    :class:`~sa_rollback.ConfigurationError`, or, with
+    ``refuse_other_sequences=False``, leaves its sequences alone.
+
     >>> with RollbackScope():
     ...     with engine.begin() as conn:
     ...         conn.execute(users.insert().values(name="x"))
@@ -65,10 +74,16 @@ class RollbackScope:
         *,
         lock_timeout: Optional[float] = None,
         check_deferred: bool = True,
+        reset_sequences: bool = False,
+        sequence_databases: Optional[Collection[str]] = None,
+        refuse_other_sequences: bool = True,
     ) -> None:
         self.label = label
         self.lock_timeout = _check_timeout(STATE.lock_timeout if lock_timeout is None else lock_timeout)
         self.check_deferred = check_deferred
+        self.reset_sequences = reset_sequences
+        self._sequence_databases = None if sequence_databases is None else frozenset(sequence_databases)
+        self.refuse_other_sequences = refuse_other_sequences
         #: errors recorded during the scope, raised at exit
         self.errors: list[SaRollbackError] = []
         self._physicals: list[Physical] = []
@@ -80,6 +95,10 @@ class RollbackScope:
     @property
     def is_open(self) -> bool:
         return self._open
+
+    def may_reset_sequences(self, dbname: str) -> bool:
+        """May this scope put back the sequences of ``dbname`` (one nobody else uses)?"""
+        return self._sequence_databases is None or dbname in self._sequence_databases
 
     def report(self, error: SaRollbackError) -> None:
         """Keep an error that SQLAlchemy would swallow; the scope raises the first at exit."""
@@ -160,9 +179,17 @@ def rollback_scope(
     *,
     lock_timeout: Optional[float] = None,
     check_deferred: bool = True,
+    reset_sequences: bool = False,
+    sequence_databases: Optional[Collection[str]] = None,
 ) -> RollbackScope:
     """Open a :class:`RollbackScope`: ``with rollback_scope(): ...``."""
-    return RollbackScope(label, lock_timeout=lock_timeout, check_deferred=check_deferred)
+    return RollbackScope(
+        label,
+        lock_timeout=lock_timeout,
+        check_deferred=check_deferred,
+        reset_sequences=reset_sequences,
+        sequence_databases=sequence_databases,
+    )
 
 
 @contextmanager

@@ -59,6 +59,14 @@ OPTIONS: tuple[Option, ...] = (
         "'sql:FILE[,FILE...]', 'hook:module:function', or 'existing' to clone the database as it stands",
     ),
     Option(
+        "schema_inputs",
+        "--sa-schema-inputs",
+        "sa_rollback_schema_inputs",
+        "SA_ROLLBACK_SCHEMA_INPUTS",
+        "Further files that feed the schema (globs, separated by commas), whose contents go into the "
+        "template's fingerprint: the migrations a hook: schema runs, say",
+    ),
+    Option(
         "rebuild",
         "--sa-rebuild",
         "sa_rollback_rebuild",
@@ -94,6 +102,16 @@ OPTIONS: tuple[Option, ...] = (
         default=True,
     ),
     Option(
+        "reset_sequences",
+        "--sa-reset-sequences",
+        "sa_rollback_reset_sequences",
+        "SA_ROLLBACK_RESET_SEQUENCES",
+        "Put every sequence back after each test, so that each test gets the ids it would get first "
+        "after its scope opened",
+        kind="bool",
+        default=False,
+    ),
+    Option(
         "server_dir",
         "--sa-server-dir",
         "sa_rollback_server_dir",
@@ -115,10 +133,12 @@ class Settings:
     enabled: bool = _DEFAULTS["enabled"]
     url: Optional[str] = _DEFAULTS["url"]
     schema: Optional[str] = _DEFAULTS["schema"]
+    schema_inputs: Optional[str] = _DEFAULTS["schema_inputs"]
     rebuild: bool = _DEFAULTS["rebuild"]
     export_env: Optional[str] = _DEFAULTS["export_env"]
     lock_timeout: float = _DEFAULTS["lock_timeout"]
     check_deferred: bool = _DEFAULTS["check_deferred"]
+    reset_sequences: bool = _DEFAULTS["reset_sequences"]
     server_dir: Path = Path(_DEFAULTS["server_dir"])
 
 

@@ -71,8 +71,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(_XdistHooks(databases.run_id), "sa_rollback_xdist")
     config.addinivalue_line(
         "markers",
-        "sa_rollback(enabled=True, real_commits=False): enabled=False lets this test's writes through "
-        "for real; real_commits=True commits for real and restores the databases afterwards",
+        "sa_rollback(enabled=True, real_commits=False, reset_sequences=None): enabled=False lets this "
+        "test's writes through for real; real_commits=True commits for real and restores the databases "
+        "afterwards; reset_sequences=True puts every sequence back after the test (default: the "
+        "--sa-reset-sequences setting)",
     )
     used = [key for key in _LEGACY_INI if config.getini(key)]
     if used:
@@ -115,12 +117,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if databases is None:
         return
     for name, seconds in databases.builds:
-        terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s")
+        terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s{databases.fingerprinted()}")
     provisioned = databases.provisioned
     if provisioned is None or not provisioned.template or provisioned.template == provisioned.database:
         return
     if not databases.builds and "_sar_tpl_" in provisioned.template:
-        terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}")
+        terminalreporter.write_line(f"sa_rollback: reused template {provisioned.template}{databases.fingerprinted()}")
     terminalreporter.write_line(f"sa_rollback: test database {provisioned.database} (clone of {provisioned.template})")
 
 
@@ -148,9 +150,42 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         STATE.close_all()
 
 
-def _marker_args(enabled: bool = True, real_commits: bool = False) -> tuple[bool, bool]:
-    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error."""
+def _marker_args(
+    enabled: bool = True, real_commits: bool = False, *, reset_sequences: Optional[bool] = None
+) -> tuple[bool, bool]:
+    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error.
+
+    ``reset_sequences`` is read by :func:`_resets_sequences`.
+    """
     return bool(enabled), bool(real_commits)
+
+
+def _resets_sequences(item: pytest.Item) -> bool:
+    """The marker's ``reset_sequences``, else the setting."""
+    marker = item.get_closest_marker("sa_rollback")
+    value = marker.kwargs.get("reset_sequences") if marker is not None else None
+    if value is None:
+        return bool(item.config.stash[settings_key].reset_sequences)
+    return bool(value)
+
+
+def _sequence_scope_args(config: pytest.Config, reset: bool) -> dict[str, Any]:
+    """The RollbackScope arguments that reset sequences, when asked: only on databases sa_rollback made."""
+    if not reset:
+        return {}
+    return {"reset_sequences": True, "sequence_databases": config.stash[databases_key].get().owned()}
+
+
+#: does any test of the session reset sequences? (then wider fixtures' data scopes do too)
+_any_resets_key = pytest.StashKey[bool]()
+
+
+def _data_scope_resets(request: pytest.FixtureRequest) -> bool:
+    """A data scope puts sequences back when it ends if any test resets them, so that they start where it began."""
+    config = request.config
+    if _any_resets_key not in config.stash:
+        config.stash[_any_resets_key] = any(_resets_sequences(item) for item in request.session.items)
+    return config.stash[_any_resets_key]
 
 
 def _begin(item: pytest.Item) -> None:
@@ -177,7 +212,11 @@ def _begin(item: pytest.Item) -> None:
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
-    scope = RollbackScope(item.nodeid, check_deferred=settings.check_deferred).__enter__()
+    scope = RollbackScope(
+        item.nodeid,
+        check_deferred=settings.check_deferred,
+        **_sequence_scope_args(item.config, _resets_sequences(item)),
+    ).__enter__()
     item.stash[scope_key] = scope
     item.addfinalizer(scope.close)
 
@@ -295,7 +334,10 @@ def pytest_fixture_setup(
     keep = _open_data_scope(fixturedef, request)
     with suspended(keep):
         label = f"{fixturedef.argname} ({fixturedef.scope} fixture)"
-        scope = RollbackScope(label, check_deferred=settings.check_deferred).__enter__()
+        resets = _sequence_scope_args(request.config, _data_scope_resets(request))
+        if resets:  # the tests that reset sequences report a database they may not reset; the data is no test
+            resets["refuse_other_sequences"] = False
+        scope = RollbackScope(label, check_deferred=settings.check_deferred, **resets).__enter__()
         request.config.stash[ranks_key][id(scope)] = _RANK[fixturedef.scope]
         # Registered before the fixture's own teardown, so it runs after it.
         request.addfinalizer(lambda: _close_data_scope(request.config, scope))

@@ -33,7 +33,7 @@ from ._provision import (
     provision,
     teardown,
 )
-from ._schema import SchemaSource, schema_source
+from ._schema import SchemaSource, schema_source, split_inputs
 from ._server import Server, embedded_server, resolve_server
 from ._snapshot import restore_snapshot, take_snapshot
 
@@ -65,6 +65,7 @@ __all__ = [
     "schema_source",
     "shorten",
     "snapshot_name",
+    "split_inputs",
     "take_snapshot",
     "teardown",
     "template_name",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -157,6 +158,8 @@ class Plan:
     configured: Optional[str]
     template: Optional[str]
     timings: dict[str, float]
+    #: what the template's fingerprint was taken of (see SchemaSource.inputs)
+    inputs: list[str] = field(default_factory=list)
 
 
 def prepare(
@@ -167,6 +170,7 @@ def prepare(
     parallel: bool,
     rebuild: bool = False,
     on_build: Optional[Callable[[str, float], None]] = None,
+    schema_inputs: Sequence[str] = (),
 ) -> Plan:
     """Start or find the server and build the template if needed; clone nothing.
 
@@ -179,7 +183,7 @@ def prepare(
     timings["server"] = time.perf_counter() - started
     hint = "--sa-url / SA_ROLLBACK_URL / the sa_rollback_url ini key" if url else "--sa-server-dir"
     with Janitor(server.admin_url, hint) as janitor:
-        source = schema_source(schema)
+        source = schema_source(schema, schema_inputs)
         driver_url = make_url(url) if url else server.admin_url
         if configured is None:
             base = EMBEDDED_BASE
@@ -192,7 +196,7 @@ def prepare(
         started = time.perf_counter()
         template = ensure_template(janitor, server, base, source or existing(), run_id, rebuild, on_build)
         timings["template"] = time.perf_counter() - started
-    return Plan(server, driver_url, base, configured, template, timings)
+    return Plan(server, driver_url, base, configured, template, timings, source.inputs if source else [])
 
 
 def provision(plan: Plan, run_id: str, worker: str) -> Provisioned:

@@ -6,10 +6,13 @@ template by name, and a changed one gets a new template.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import inspect
+import os
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,6 +31,8 @@ class SchemaSource:
     spec: str
     fingerprint: str
     build: Callable[[URL], None] = field(repr=False)
+    #: what the fingerprint was taken of, for the start-up line
+    inputs: list[str] = field(default_factory=list)
 
 
 def _import_object(path: str, what: str) -> Any:
@@ -82,7 +87,7 @@ def _metadata_source(spec: str) -> SchemaSource:
         finally:
             engine.dispose()
 
-    return SchemaSource("metadata", spec, _digest("metadata", *ddl), build)
+    return SchemaSource("metadata", spec, _digest("metadata", *ddl), build, [f"the DDL of {spec}"])
 
 
 def _alembic_source(spec: str) -> SchemaSource:
@@ -133,7 +138,12 @@ def _alembic_source(spec: str) -> SchemaSource:
                 f"head is {heads}. Check that env.py migrates the URL or connection it is given."
             )
 
-    return SchemaSource("alembic", spec, _digest(*parts), build)
+    described = (
+        [f"{len(files)} Alembic revision files", "env.py"]
+        if env_py.is_file()
+        else [f"{len(files)} Alembic revision files"]
+    )
+    return SchemaSource("alembic", spec, _digest(*parts), build, described)
 
 
 def _sql_source(spec: str) -> SchemaSource:
@@ -155,23 +165,46 @@ def _sql_source(spec: str) -> SchemaSource:
                     raise DatabaseSetupError(f"The schema file {str(path)!r} failed: {exc}") from None
             conn.commit()
 
-    return SchemaSource("sql", spec, _digest("sql", *contents), build)
+    return SchemaSource("sql", spec, _digest("sql", *contents), build, [str(path) for path in paths])
 
 
 def _hook_source(spec: str) -> SchemaSource:
     func = _import_object(spec, "The schema hook")
     if not callable(func):
         raise ConfigurationError(f"The schema hook {spec!r} is not callable.")
+    module = inspect.getmodule(func)
     try:
-        source = inspect.getsource(inspect.getmodule(func))  # type: ignore[arg-type]
+        source = inspect.getsource(module)  # type: ignore[arg-type]
+        described = f"the hook's module {getattr(module, '__file__', None) or spec}"
     except (OSError, TypeError):
         source = spec
-    fingerprint = getattr(func, "sa_rollback_fingerprint", None) or _digest("hook", spec, source)
+        described = f"the hook's name {spec}"
+    own = getattr(func, "sa_rollback_fingerprint", None)
+    fingerprint = own or _digest("hook", spec, source)
 
     def build(url: URL) -> None:
         func(url.render_as_string(hide_password=False))
 
-    return SchemaSource("hook", spec, str(fingerprint), build)
+    return SchemaSource(
+        "hook", spec, str(fingerprint), build, ["the hook's sa_rollback_fingerprint" if own else described]
+    )
+
+
+def _with_inputs(source: SchemaSource, patterns: Sequence[str]) -> SchemaSource:
+    """Fold the contents of the files that ``patterns`` (globs) match into the fingerprint."""
+    parts: list[str | bytes] = [source.fingerprint]
+    for pattern in patterns:
+        files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise ConfigurationError(
+                f"The schema input {pattern!r} (--sa-schema-inputs) matches no file in {os.getcwd()!r}."
+            )
+        parts.append(pattern)
+        for path in files:
+            parts.extend((path, Path(path).read_bytes()))
+        source.inputs.append(f"{len(files)} file{'s' if len(files) > 1 else ''} matching {pattern!r}")
+    source.fingerprint = _digest("inputs", *parts)
+    return source
 
 
 def existing() -> SchemaSource:
@@ -179,8 +212,26 @@ def existing() -> SchemaSource:
     return SchemaSource("existing", "existing", "", lambda url: None)
 
 
-def schema_source(spec: Optional[str]) -> Optional[SchemaSource]:
-    """Parse the schema setting; None means "no schema to build"."""
+def schema_source(spec: Optional[str], inputs: Sequence[str] = ()) -> Optional[SchemaSource]:
+    """Parse the schema setting; None means "no schema to build".
+
+    ``inputs``: globs of further files that feed the schema (a hook's
+    migrations, say), whose contents go into the fingerprint.
+    """
+    source = _parse_schema(spec)
+    if source is None or not inputs or source.kind == "existing":
+        return source
+    return _with_inputs(source, inputs)
+
+
+def split_inputs(value: Optional[str]) -> list[str]:
+    """The globs of the schema inputs setting: separated by commas or new lines (an ini list)."""
+    if not value:
+        return []
+    return [part.strip() for part in value.replace("\n", ",").split(",") if part.strip()]
+
+
+def _parse_schema(spec: Optional[str]) -> Optional[SchemaSource]:
     if not spec:
         return None
     kind, sep, rest = spec.partition(":")
