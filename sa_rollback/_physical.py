@@ -8,11 +8,9 @@ the same round trip, so that a deferred constraint fails the scope as it would
 fail the COMMIT. A connection that died fails the statements and scopes that
 used it, and is replaced once they have ended.
 
-What a logical connection's transaction means (undo points, abort recovery) is
-the logical connection's business (:mod:`._logical`); this module only runs
-what it is asked to on the server and keeps the stack in step. It reaches the
-rollback scopes through :class:`ScopeSource`, which the process-wide state
-implements, and never imports that state.
+Undo points and abort recovery are :mod:`._logical`'s business; this module
+runs what it is asked to and keeps the stack in step. It reaches the scopes
+through :class:`ScopeSource` (the process-wide state, never imported here).
 """
 
 from __future__ import annotations
@@ -132,13 +130,7 @@ class Physical:
             self.lock.release()
 
     def busy_error(self, actor: Owner) -> UnsupportedOperationError:
-        return UnsupportedOperationError(
-            f"{actor.describe()} runs a statement while this thread is still inside a cursor.stream() or "
-            f"copy() block on the same database ({caller_location()}). In production they would be two "
-            "connections; here they share one, which cannot run a statement while the stream or COPY is "
-            "open, and psycopg would wait forever. Finish or close the stream first, or fetch its rows "
-            "with fetchall() / a server-side cursor."
-        )
+        return UnsupportedOperationError.busy(actor.describe(), caller_location())
 
     # -- health ---------------------------------------------------------------
 
@@ -177,13 +169,7 @@ class Physical:
             self.lock.release()
 
     def lost_error(self) -> ConnectionLostError:
-        cause = f" ({' '.join(str(self.lost).split())})" if self.lost is not None else ""
-        return ConnectionLostError(
-            f"The connection to {self.key.describe()} was lost{cause}: its backend was terminated, the "
-            "server restarted, or the network failed. The transaction of the test (and of any outer "
-            "rollback scope on it) is gone, with everything written in it; nothing was committed. "
-            "Once those scopes end, the next one connects again."
-        )
+        return ConnectionLostError.of(self.key.describe(), self.lost)
 
     def _check_driver_free(self) -> None:
         # Only the thread inside a stream()/copy() block gets here while it is
@@ -211,15 +197,7 @@ class Physical:
         if frames and frames[-1].scope is scope:
             return frames[-1]
         if scope is None:
-            raise StaleConnectionError(
-                f"A connection to {self.key.describe()} was checked out inside a rollback scope "
-                f"that has ended, and is used after it ({caller_location()}): between tests, by a "
-                "wider-scoped fixture's set-up or teardown, or by a thread the test left running. "
-                "Its work would not be rolled back, so it is refused. End the transaction of a "
-                "session kept across tests before each test ends (session.commit(), "
-                "session.rollback(), session.close(), scoped_session.remove()), so that its next "
-                "use checks out a new connection; or check out a new connection where it is used."
-            )
+            raise StaleConnectionError.used_after_scope(self.key.describe(), caller_location())
         if frames and not frames[-1].scope.is_open:
             self._drop_stale_frames()
             if frames and frames[-1].scope is scope:

@@ -39,6 +39,17 @@ class TransactionEscapeError(SaRollbackError):
 class StaleConnectionError(SaRollbackError):
     """A connection outlived the rollback scope in which it was checked out."""
 
+    @classmethod
+    def used_after_scope(cls, database: str, where: str) -> StaleConnectionError:
+        return cls(
+            f"A connection to {database} was checked out inside a rollback scope that has ended, and is "
+            f"used after it ({where}): between tests, by a wider-scoped fixture's set-up or teardown, or "
+            "by a thread the test left running. Its work would not be rolled back, so it is refused. End "
+            "the transaction of a session kept across tests before each test ends (session.commit(), "
+            "session.rollback(), session.close(), scoped_session.remove()), so that its next use checks "
+            "out a new connection; or check out a new connection where it is used."
+        )
+
 
 class HeldConnectionError(SaRollbackError):
     """A connection checked out before the scope opened cannot join it.
@@ -53,6 +64,16 @@ class HeldConnectionError(SaRollbackError):
 
 class UnsupportedOperationError(SaRollbackError):
     """The operation cannot be reproduced inside a rolled-back transaction."""
+
+    @classmethod
+    def busy(cls, connection: str, where: str) -> UnsupportedOperationError:
+        return cls(
+            f"{connection} runs a statement while this thread is still inside a cursor.stream() or "
+            f"copy() block on the same database ({where}). In production they would be two "
+            "connections; here they share one, which cannot run a statement while the stream or COPY is "
+            "open, and psycopg would wait forever. Finish or close the stream first, or fetch its rows "
+            "with fetchall() / a server-side cursor."
+        )
 
 
 class ScopeError(SaRollbackError):
@@ -81,6 +102,16 @@ class ConnectionLostError(SaRollbackError):
 
     Everything the test wrote on it is gone; the next rollback scope connects afresh.
     """
+
+    @classmethod
+    def of(cls, database: str, cause: Optional[BaseException]) -> ConnectionLostError:
+        why = f" ({' '.join(str(cause).split())})" if cause is not None else ""
+        return cls(
+            f"The connection to {database} was lost{why}: its backend was terminated, the server "
+            "restarted, or the network failed. The transaction of the test (and of any outer rollback "
+            "scope on it) is gone, with everything written in it; nothing was committed. Once those "
+            "scopes end, the next one connects again."
+        )
 
 
 class DeferredConstraintError(SaRollbackError):

@@ -7,7 +7,6 @@ connection. Plugin tests run inner sessions in a subprocess on clones.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -19,9 +18,10 @@ from psycopg import sql
 import sa_rollback
 from sa_rollback import ConfigurationError
 
-from .conftest import driver_url, libpq_dsn
+from .conftest import DB_A, RUN_ID, WORKER, driver_url, libpq_dsn
 
-SEQ_DB = f"sa_rollback_selftest_seq_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+#: this process's own, like the suite's other databases: two runs or workers never share it
+SEQ_DB = f"sa_rollback_selftest_{RUN_ID}_{WORKER}_seq"
 
 SEQ_SCHEMA = """
 DROP SCHEMA IF EXISTS other CASCADE;
@@ -49,6 +49,8 @@ def seq_db() -> Iterator[str]:
     with psycopg.connect(libpq_dsn(SEQ_DB), autocommit=True) as conn:
         conn.execute(SEQ_SCHEMA)
     yield SEQ_DB
+    with psycopg.connect(libpq_dsn("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(SEQ_DB)))
 
 
 @pytest.fixture
@@ -309,5 +311,5 @@ def test_refused_on_a_database_used_as_is(inner: pytest.Pytester, outside: Calla
     before = outside("SELECT last_value, is_called FROM items_id_seq")
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-reset-sequences=on")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*reset_sequences is on, but sa_rollback_selftest_a*is not a database sa_rollback*"])
+    result.stdout.fnmatch_lines([f"*reset_sequences is on, but {DB_A}*is not a database sa_rollback*"])
     assert outside("SELECT last_value, is_called FROM items_id_seq") == before
