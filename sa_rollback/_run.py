@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import traceback
 import uuid
+from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import pytest
@@ -74,9 +75,15 @@ class Databases:
                     parallel=self.worker != "main" or is_xdist_controller(self.config),
                     rebuild=settings.rebuild,
                     on_build=lambda name, seconds: self.builds.append((name, seconds)),
+                    schema_dir=self.schema_dir(),
                 )
             )
         return self._plan
+
+    def schema_dir(self) -> Path:
+        """Where relative schema paths start: the ini file's directory, else pytest's rootdir."""
+        inipath = self.config.inipath
+        return inipath.parent if inipath is not None else self.config.rootpath
 
     def get(self) -> Provisioned:
         if self.provisioned is None:

@@ -228,7 +228,7 @@ def test_sql_files_and_existing_database(inner: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(['*relation "users" does not exist*'])
 
 
-def test_alembic_schema(inner: pytest.Pytester) -> None:
+def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     head = uuid.uuid4().hex[:12]
     (inner.path / "migrations" / "versions").mkdir(parents=True)
     inner.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n")
@@ -263,6 +263,11 @@ def test_alembic_schema(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_rows=SAME_ROW_TESTS)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
     result.assert_outcomes(passed=6)
+    # From a subdirectory (as IDEs run it), the path and script_location start at the ini file.
+    inner.makeini("[pytest]\n")
+    monkeypatch.chdir(inner.mkdir("sub"))
+    args = ("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini", str(inner.path / "test_rows.py"))
+    inner.runpytest_subprocess(*args).assert_outcomes(passed=6)
     # A second head makes the schema ambiguous: a clear error, once.
     (inner.path / "migrations" / "versions" / "other.py").write_text(
         'revision = "other1"\ndown_revision = None\ndef upgrade():\n    pass\n'
@@ -270,6 +275,35 @@ def test_alembic_schema(inner: pytest.Pytester) -> None:
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*Alembic has several heads*merge them*"])
+
+
+def test_relative_schema_paths_start_at_the_ini_file(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    (inner.path / "db").mkdir()
+    (inner.path / "db" / "schema.sql").write_text(f"{USERS_SQL}\n-- {uuid.uuid4().hex}\n")
+    inner.makeini("[pytest]\nsa_rollback_schema = sql:db/schema.sql\n")
+    tests = inner.mkdir("tests")
+    (tests / "test_users.py").write_text(
+        "import sqlalchemy as sa\n\n"
+        "def test_users(db_session):\n"
+        "    assert db_session.execute(sa.text('SELECT count(*) FROM users')).scalar() == 0\n"
+    )
+    monkeypatch.chdir(tests)
+    inner.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    # A missing file names the directory it was looked for in: the ini file's, not the current one.
+    inner.makeini("[pytest]\nsa_rollback_schema = alembic:alembic.ini\n")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: sa_rollback: The Alembic configuration 'alembic.ini' does not exist: "
+            f"looked for it in '{inner.path}'*"
+        ]
+    )
+    inner.makeini("[pytest]\nsa_rollback_schema = sql:db/schema.sql,db/missing.sql\n")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(
+        [f"*The schema file 'db/missing.sql' does not exist: looked for it in '{inner.path / 'db'}'*"]
+    )
 
 
 @pytest.mark.parametrize("extra", [(), ("-n", "2")], ids=["serial", "xdist"])

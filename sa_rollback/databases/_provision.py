@@ -151,6 +151,7 @@ def prepare(
     parallel: bool,
     rebuild: bool = False,
     on_build: Optional[Callable[[str, float], None]] = None,
+    schema_dir: Optional[Path] = None,
 ) -> Plan:
     """Start or find the server and build the template if needed; clone nothing.
 
@@ -163,7 +164,7 @@ def prepare(
     timings["server"] = time.perf_counter() - started
     hint = "--sa-url / SA_ROLLBACK_URL / the sa_rollback_url ini key" if url else "--sa-server-dir"
     with Janitor(server.admin_url, hint) as janitor:
-        source = schema_source(schema)
+        source = schema_source(schema, schema_dir)
         driver_url = make_url(url) if url else server.admin_url
         if configured is None:
             base = EMBEDDED_BASE
