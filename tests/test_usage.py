@@ -156,3 +156,61 @@ def test_help_shows_switches_as_on_off_and_every_default(pytester: pytest.Pytest
     for key in ("sa_rollback", "sa_rollback_rebuild", "sa_rollback_check_deferred"):
         assert f" {key} (bool):" in inis
     assert "--sa-rollback=on|off" in flags
+
+
+def _url(**parts: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(driver_url("psycopg")).set(**parts).render_as_string(hide_password=False)
+
+
+MANY_TESTS = """
+import pytest
+
+@pytest.mark.parametrize("i", range(3))
+def test_uses_the_database(db_session, i):
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("parts", "expected", "not_expected"),
+    [
+        (
+            {"database": "sa_rollback_selftest_no_such_db"},
+            "ERROR: sa_rollback: The database 'sa_rollback_selftest_no_such_db' does not exist on *Create it, "
+            "or set the schema (--sa-schema / SA_ROLLBACK_SCHEMA / the sa_rollback_schema ini key)*",
+            "Start the server",
+        ),
+        (
+            {"username": "sa_rollback_no_such_role", "password": "s3cret-pw"},
+            "ERROR: sa_rollback: PostgreSQL at *refused user sa_rollback_no_such_role*The server is running: "
+            "check the user and password in --sa-url*",
+            "Start the server",
+        ),
+        (
+            {"drivername": "postgresql+asyncpg"},
+            "ERROR: sa_rollback: The test database URL uses the async driver 'postgresql+asyncpg'*sync driver "
+            "(for example postgresql+psycopg://*",
+            "MissingGreenlet",
+        ),
+        (
+            {"drivername": "postgresql+psycopg_async"},
+            "ERROR: sa_rollback: The test database URL uses the async driver 'postgresql+psycopg_async'*",
+            "MissingGreenlet",
+        ),
+    ],
+    ids=["missing-database", "refused-login", "asyncpg", "psycopg_async"],
+)
+def test_a_database_that_cannot_be_used_is_said_once_at_start_up(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, parts: dict[str, str], expected: str, not_expected: str
+) -> None:
+    monkeypatch.setenv("SA_ROLLBACK_URL", _url(**parts))
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(test_many=MANY_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    _usage_error(result, expected)
+    output = result.stdout.str() + result.stderr.str()
+    assert not_expected not in output
+    assert "s3cret-pw" not in output
+    assert "test_uses_the_database" not in output  # stopped before any test ran

@@ -26,16 +26,35 @@ def not_ours(name: str) -> DatabaseSetupError:
     )
 
 
+#: phrases of libpq's connection errors (they carry no SQLSTATE) that mean "the server answered, but refused"
+_AUTH_FAILURES = ("password authentication failed", "no password supplied", "authentication failed", "role ")
+
+
 def unreachable(url: URL, exc: BaseException, setting_hint: str) -> DatabaseSetupError:
-    """Which server was tried, as whom, why it failed and which setting to change; no password."""
+    """Which server was tried, as whom, why it failed and which setting to change; no password.
+
+    A refused login or a missing database is told apart from a server that is
+    not there: "start the server" is the wrong advice for a wrong password.
+    """
     socket_dir = url.query.get("host")
     host = url.host or (str(socket_dir) if socket_dir else "the local socket")
     reason = " ".join(str(exc).split()).rstrip(".?")
     if url.password:
         reason = reason.replace(url.password, "***")
+    where = f"{host}:{url.port or 5432}"
+    user = url.username or "(default)"
+    fatal = reason.partition("FATAL:")[2].strip().lower()
+    if fatal and "database" in fatal and "does not exist" in fatal:
+        return DatabaseSetupError(
+            f"PostgreSQL at {where} has no database {url.database!r} ({reason}). Create it, or change {setting_hint}."
+        )
+    if fatal and any(phrase in fatal for phrase in _AUTH_FAILURES):
+        return DatabaseSetupError(
+            f"PostgreSQL at {where} refused user {user} ({reason}). The server is running: check the user "
+            f"and password in {setting_hint} (or in ~/.pgpass / PGPASSWORD)."
+        )
     return DatabaseSetupError(
-        f"PostgreSQL is unreachable at {host}:{url.port or 5432} as user {url.username or '(default)'} "
-        f"({reason}). Start the server or change {setting_hint}."
+        f"PostgreSQL is unreachable at {where} as user {user} ({reason}). Start the server or change {setting_hint}."
     )
 
 
@@ -73,6 +92,18 @@ class Janitor:
         return self._conn
 
     # -- reading -----------------------------------------------------------------------------
+
+    def require(self, name: str, setting_hint: str) -> None:
+        """Fail at start-up, once, when the database the tests are configured to use does not exist."""
+        if self.exists(name):
+            return
+        url = self.url
+        raise DatabaseSetupError(
+            f"The database {name!r} does not exist on {url.host or 'the local socket'}:{url.port or 5432}. "
+            f"Create it, or set the schema ({setting_hint}): with a schema, sa_rollback builds the tests' "
+            "database itself, for example sa_rollback_schema = myapp.models:Base, "
+            "'alembic:alembic.ini' or 'sql:schema.sql'."
+        )
 
     def exists(self, name: str) -> bool:
         return bool(self.conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))

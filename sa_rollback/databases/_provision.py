@@ -171,6 +171,8 @@ def prepare(
             ensure_empty_base(janitor, base)
         else:
             base = configured
+        if configured is not None and (source is None or source.kind == "existing"):
+            janitor.require(configured, "--sa-schema / SA_ROLLBACK_SCHEMA / the sa_rollback_schema ini key")
         if source is None and configured is not None and not parallel:
             # A configured database, no schema to build, one process: use it as it is.
             return Plan(server, driver_url, base, configured, None, timings)
