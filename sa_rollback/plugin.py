@@ -390,3 +390,21 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
         raise error
     if scope_key not in item.stash:
         _begin(item)
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """An error the test already failed with is not reported a second time by its scope's teardown.
+
+    The scope keeps errors such as a refused multi-statement ``COMMIT`` so that
+    the test fails even when the application catches them; when the error
+    reached pytest anyway, it is reported once, where it happened.
+    """
+    scope = item.stash.get(scope_key, None)
+    if scope is None or call.excinfo is None or not scope.errors:
+        return
+    raised: set[int] = set()
+    error: Optional[BaseException] = call.excinfo.value
+    while error is not None and id(error) not in raised:
+        raised.add(id(error))
+        error = error.__cause__ or error.__context__
+    scope.errors[:] = [kept for kept in scope.errors if id(kept) not in raised]

@@ -214,3 +214,35 @@ def test_a_database_that_cannot_be_used_is_said_once_at_start_up(
     assert not_expected not in output
     assert "s3cret-pw" not in output
     assert "test_uses_the_database" not in output  # stopped before any test ran
+
+
+ESCAPES = """
+import os
+import sqlalchemy as sa
+
+ENGINE = sa.create_engine(os.environ["INNER_URL"])
+
+
+def test_escapes():
+    with ENGINE.connect() as conn:
+        conn.exec_driver_sql("INSERT INTO items (name) VALUES ('escaped'); COMMIT")
+
+
+def test_escape_swallowed():
+    with ENGINE.connect() as conn:
+        try:
+            conn.exec_driver_sql("INSERT INTO items (name) VALUES ('escaped'); COMMIT")
+        except Exception:
+            pass  # the application hides it: the test still fails, at teardown
+"""
+
+
+def test_a_refused_multi_statement_commit_is_reported_once(pytester: pytest.Pytester, outside) -> None:
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(test_escape=ESCAPES)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(failed=1, passed=1, errors=1)  # the swallowed one passes, then errors at teardown
+    result.stdout.fnmatch_lines(["FAILED test_escape.py::test_escapes*"])
+    result.stdout.fnmatch_lines(["ERROR test_escape.py::test_escape_swallowed*"])
+    assert "ERROR test_escape.py::test_escapes" not in result.stdout.str()
+    assert outside("SELECT count(*) FROM items WHERE name = 'escaped'") == [(0,)]
