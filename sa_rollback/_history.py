@@ -33,6 +33,8 @@ class ScopeLike(Protocol):
     label: str
     lock_timeout: float
     check_deferred: bool
+    #: how to skip the deferred-constraint check, for the error that the check raises
+    deferred_hint: str
 
     @property
     def is_open(self) -> bool: ...

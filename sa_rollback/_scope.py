@@ -69,6 +69,8 @@ class RollbackScope:
         self.label = label
         self.lock_timeout = _check_timeout(STATE.lock_timeout if lock_timeout is None else lock_timeout)
         self.check_deferred = check_deferred
+        #: how to skip the deferred-constraint check, named by DeferredConstraintError (the plugin names its settings)
+        self.deferred_hint = "pass RollbackScope(check_deferred=False)"
         #: errors recorded during the scope, raised at exit
         self.errors: list[SaRollbackError] = []
         self._physicals: list[Physical] = []

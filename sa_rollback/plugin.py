@@ -12,7 +12,7 @@ import pytest
 
 from ._run import Databases, databases_key, is_xdist_controller, mode_key, ranks_key, scope_key, settings_key
 from ._scope import RollbackScope, open_scopes, suspended
-from ._settings import OPTIONS, Option, resolve, switch
+from ._settings import OPTIONS, Option, Settings, resolve, switch
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackWarning, ScopeError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
@@ -215,9 +215,22 @@ def _begin(item: pytest.Item) -> None:
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
-    scope = RollbackScope(item.nodeid, check_deferred=settings.check_deferred).__enter__()
+    scope = _open_scope(item.nodeid, settings)
     item.stash[scope_key] = scope
     item.addfinalizer(scope.close)
+
+
+#: how a pytest user skips the deferred-constraint check, for DeferredConstraintError
+_DEFERRED_HINT = next(
+    f"set {o.flag}=off (or the ini key {o.ini} = off, or {o.env}=off)" for o in OPTIONS if o.field == "check_deferred"
+)
+
+
+def _open_scope(label: str, settings: Settings) -> RollbackScope:
+    """A scope the plugin opens: its errors name the plugin's settings rather than the library's arguments."""
+    scope = RollbackScope(label, check_deferred=settings.check_deferred)
+    scope.deferred_hint = _DEFERRED_HINT
+    return scope.__enter__()
 
 
 def _check_restorable(item: pytest.Item) -> None:
@@ -333,7 +346,7 @@ def pytest_fixture_setup(
     keep = _open_data_scope(fixturedef, request)
     with suspended(keep):
         label = f"{fixturedef.argname} ({fixturedef.scope} fixture)"
-        scope = RollbackScope(label, check_deferred=settings.check_deferred).__enter__()
+        scope = _open_scope(label, settings)
         request.config.stash[ranks_key][id(scope)] = _RANK[fixturedef.scope]
         # Registered before the fixture's own teardown, so it runs after it.
         request.addfinalizer(lambda: _close_data_scope(request.config, scope))

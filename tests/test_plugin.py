@@ -251,7 +251,13 @@ def test_deferred_constraints_are_checked_unless_switched_off(pytester: pytest.P
         result.assert_outcomes(passed=1)
     else:
         result.assert_outcomes(passed=1, errors=1)
-        result.stdout.fnmatch_lines(["*DeferredConstraintError*"])
+        result.stdout.fnmatch_lines(
+            [
+                "*DeferredConstraintError*set --sa-check-deferred=off (or the ini key "
+                "sa_rollback_check_deferred = off, or SA_ROLLBACK_CHECK_DEFERRED=off) to skip the check*"
+            ]
+        )
+        assert "RollbackScope(check_deferred=False)" not in result.stdout.str()
 
 
 def test_lock_timeout_setting_is_validated(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
