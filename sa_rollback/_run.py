@@ -6,7 +6,9 @@ both import it; it imports neither.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import traceback
 import uuid
 from pathlib import Path
@@ -88,10 +90,17 @@ class Databases:
     def get(self) -> Provisioned:
         if self.provisioned is None:
             plan = self.plan()
-            self.provisioned = self._guard(lambda: provision(plan, self.run_id, self.worker))
+            self.provisioned = self._guard(lambda: provision(plan, self.run_id, self.worker, self._notice))
             if self.settings.export_env:
                 os.environ[self.settings.export_env] = self.provisioned.url_string()
         return self.provisioned
+
+    def _notice(self, text: str) -> None:
+        """Say something at once, past pytest's output capture (a wait the user can end)."""
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
     @staticmethod
     def _guard(step: Callable[[], T]) -> T:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
+import threading
 import time
 import uuid
 import warnings
@@ -226,6 +227,35 @@ def test_sql_files_and_existing_database(inner: pytest.Pytester) -> None:
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "existing", "-x")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(['*relation "users" does not exist*'])
+
+
+def test_a_clone_that_waits_for_sessions_on_its_template_says_who_they_are(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_x="def test_x(db_session):\n    pass\n")
+    held = psycopg.connect(libpq_dsn(BASE) + "?application_name=held_by_selftest", autocommit=True)
+
+    def release_when_the_clone_waits() -> None:
+        with admin() as watcher:
+            deadline = time.monotonic() + 60
+            while (
+                time.monotonic() < deadline
+                and not watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'CREATE DATABASE%%' AND pid <> pg_backend_pid()"
+                ).fetchone()
+            ):
+                time.sleep(0.05)
+        held.close()  # the clone goes on once it is gone
+
+    releaser = threading.Thread(target=release_when_the_clone_waits)
+    releaser.start()
+    try:
+        result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "existing")
+    finally:
+        releaser.join()
+    result.assert_outcomes(passed=1)
+    result.stderr.fnmatch_lines(
+        [f"sa_rollback: waiting up to 30 s to clone '{BASE}'*1 session(s) are: pid * 'held_by_selftest' from *"]
+    )
+    assert result.stderr.str().count("waiting up to") == 1, result.stderr.str()
 
 
 def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:

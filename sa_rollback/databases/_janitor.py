@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Optional
+from typing import Callable, Optional
 
 from sqlalchemy.engine import URL
 
@@ -58,6 +59,11 @@ def unreachable(url: URL, exc: BaseException, setting_hint: str) -> DatabaseSetu
     )
 
 
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 class Janitor:
     """The plugin's hands on one server, through a single admin connection.
 
@@ -66,9 +72,13 @@ class Janitor:
     or replaced.
     """
 
-    def __init__(self, admin_url: URL, setting_hint: str = "the database URL") -> None:
+    def __init__(
+        self, admin_url: URL, setting_hint: str = "the database URL", notice: Optional[Callable[[str], None]] = None
+    ) -> None:
         self.url = admin_url
         self.setting_hint = setting_hint
+        #: where a long wait is announced (standard error by default; the plugin writes past pytest's capture)
+        self.notice = notice or _to_stderr
         self._conn: Optional[AdminConnection] = None
 
     def __enter__(self) -> Janitor:
@@ -156,6 +166,12 @@ class Janitor:
             statement = self.conn.compose("CREATE DATABASE {}", name)
         else:
             statement = self.conn.compose("CREATE DATABASE {} TEMPLATE {}", name, template)
+        if template is not None:
+            # PostgreSQL copies a database only when nobody is connected to it, and waits
+            # silently for them (5 s per attempt): say at once whom the clone waits for.
+            waiting = self._waiting_for(template, timeout)
+            if waiting is not None:
+                self.notice(waiting)
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -179,6 +195,26 @@ class Janitor:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
         self.set_mark(name, mark)
+
+    def _waiting_for(self, template: str, timeout: float) -> Optional[str]:
+        """Who keeps a template busy: the sessions connected to it, as the server lists them."""
+        rows = self.conn.execute(
+            "SELECT pid, coalesce(nullif(application_name, ''), '?'), coalesce(client_addr::text, 'local socket'), "
+            "usename, to_char(backend_start, 'HH24:MI:SS') FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() ORDER BY backend_start",
+            (template,),
+        )
+        sessions = "; ".join(
+            f"pid {pid} {app!r} from {client} as {user}, since {since}" for pid, app, client, user, since in rows[:5]
+        )
+        if not rows:
+            return None
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        return (
+            f"sa_rollback: waiting up to {timeout:.0f} s to clone {template!r}: PostgreSQL copies a database only "
+            f"while nobody else is connected to it, and {len(rows)} session(s) are: {sessions}{more}. "
+            "Close them (psql, an IDE, a running app) to go on."
+        )
 
     def set_mark(self, name: str, mark: Mark) -> None:
         # COMMENT takes no bound parameters; the driver quotes the literal.

@@ -182,14 +182,17 @@ def prepare(
     return Plan(server, driver_url, base, configured, template, timings)
 
 
-def provision(plan: Plan, run_id: str, worker: str) -> Provisioned:
-    """Provide this process's test database from the plan that :func:`prepare` made."""
+def provision(plan: Plan, run_id: str, worker: str, notice: Optional[Callable[[str], None]] = None) -> Provisioned:
+    """Provide this process's test database from the plan that :func:`prepare` made.
+
+    ``notice`` is told when the clone has to wait for other sessions to leave the template.
+    """
     server = plan.server
     timings = dict(plan.timings)
     if plan.template is None:
         return Provisioned(server, plan.driver_url.set(database=plan.base), plan.base, False, timings)
     database = clone_name(plan.base, run_id, worker)
-    with Janitor(server.admin_url) as janitor:
+    with Janitor(server.admin_url, notice=notice) as janitor:
         drop_dead_clones(janitor, plan.base)
         started = time.perf_counter()
         janitor.replace(database, Mark.clone(plan.base, run_id), template=plan.template)
