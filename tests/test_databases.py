@@ -258,22 +258,22 @@ def test_a_clone_that_waits_for_sessions_on_its_template_says_who_they_are(inner
     assert result.stderr.str().count("waiting up to") == 1, result.stderr.str()
 
 
-def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    head = uuid.uuid4().hex[:12]
-    (inner.path / "migrations" / "versions").mkdir(parents=True)
-    inner.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n")
-    (inner.path / "migrations" / "env.py").write_text(
-        textwrap.dedent(
-            """
-            from alembic import context
+COOKBOOK_ENV = """
+from alembic import context
 
-            connection = context.config.attributes["connection"]
-            context.configure(connection=connection, target_metadata=None)
-            with context.begin_transaction():
-                context.run_migrations()
-            """
-        )
-    )
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=None)
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+
+def alembic_project(inner: pytest.Pytester, env_py: str) -> None:
+    """alembic.ini, env.py and one revision that creates ``users``, in the inner project."""
+    head = uuid.uuid4().hex[:12]
+    (inner.path / "migrations" / "versions").mkdir(parents=True, exist_ok=True)
+    inner.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n")
+    (inner.path / "migrations" / "env.py").write_text(env_py)
     (inner.path / "migrations" / "script.py.mako").write_text("")
     (inner.path / "migrations" / "versions" / f"{head}_users.py").write_text(
         textwrap.dedent(
@@ -290,6 +290,10 @@ def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch)
             """
         )
     )
+
+
+def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    alembic_project(inner, COOKBOOK_ENV)
     inner.makepyfile(test_rows=SAME_ROW_TESTS)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
     result.assert_outcomes(passed=6)
@@ -305,6 +309,38 @@ def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*Alembic has several heads*merge them*"])
+
+
+def test_an_alembic_env_with_its_own_url_migrates_the_template_never_the_configured_database(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the FastAPI full-stack template does: env.py builds its own engine from the app's settings.
+    monkeypatch.setenv("APP_DATABASE_URL", base_url())
+    own_engine = (
+        "import os\nimport sqlalchemy as sa\nfrom alembic import context\n\n"
+        "engine = sa.create_engine(os.environ['APP_DATABASE_URL'])\n"
+        "with engine.begin() as connection:\n"
+        "    context.configure(connection=connection, target_metadata=None)\n"
+        "    with context.begin_transaction():\n"
+        "        context.run_migrations()\n"
+    )
+    alembic_project(inner, own_engine)
+    inner.makepyfile(test_rows=SAME_ROW_TESTS)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
+    result.assert_outcomes(passed=6)
+    with psycopg.connect(libpq_dsn(BASE)) as conn:  # the configured database was never migrated
+        assert conn.execute("SELECT to_regclass('users'), to_regclass('alembic_version')").fetchone() == (None, None)
+    # An env.py that migrates elsewhere (a driver connection of its own escapes any redirect) leaves
+    # the template empty, which gets a clear message instead of UndefinedTable.
+    (inner.path / "migrations" / "env.py").write_text(
+        "from alembic import context\n\n"
+        "context.configure(connection=context.config.attributes['connection'], target_metadata=None)\n"
+        "# no run_migrations() on the connection it was given\n"
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the template database has no alembic_version table: env.py migrated another*"])
+    assert "UndefinedTable" not in result.stderr.str()
 
 
 def test_relative_schema_paths_start_at_the_ini_file(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,7 +61,12 @@ def ensure_template(
         started = time.perf_counter()
         janitor.create(name, Mark.template(base, source.fingerprint, run_id, ready=False))
         try:
-            source.build(server.url_for(name))
+            # A build that connects to the configured database by itself (an env.py that reads the
+            # app's settings, a hook) reaches the template instead: the configured one is never touched.
+            with REDIRECT.routed(server.admin_url, base, name):
+                source.build(server.url_for(name))
+            # Connections the build left open (an engine env.py never disposed) would block every clone.
+            janitor.terminate(name)
         except BaseException:
             janitor.drop(name)
             raise

@@ -149,6 +149,13 @@ def _alembic_source(spec: str, base_dir: Optional[Path] = None) -> SchemaSource:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
             with engine.connect() as conn:
+                if conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None:
+                    raise DatabaseSetupError(
+                        "After 'alembic upgrade head' the template database has no alembic_version table: "
+                        "env.py migrated another database. Make env.py use the connection in "
+                        "config.attributes['connection'] (the Alembic cookbook's recipe) or the "
+                        "sqlalchemy.url it is given, rather than a URL or driver connection of its own."
+                    )
                 current = set(conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars())
         finally:
             engine.dispose()
