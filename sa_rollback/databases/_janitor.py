@@ -170,6 +170,10 @@ class Janitor:
             # PostgreSQL copies a database only when nobody is connected to it, and waits
             # silently for them (5 s per attempt): say at once whom the clone waits for.
             waiting = self._waiting_for(template, timeout)
+            grace = time.monotonic() + 0.5  # sessions just terminated (pg_terminate_backend) take a moment to go
+            while waiting is not None and time.monotonic() < grace:
+                time.sleep(0.05)
+                waiting = self._waiting_for(template, timeout)
             if waiting is not None:
                 self.notice(waiting)
         deadline = time.monotonic() + timeout
