@@ -40,6 +40,9 @@ class ScopeLike(Protocol):
 
     def may_reset_sequences(self, dbname: str) -> bool: ...
 
+    #: how to skip the deferred-constraint check, for the error that the check raises
+    deferred_hint: str
+
     @property
     def is_open(self) -> bool: ...
 

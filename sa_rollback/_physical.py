@@ -395,8 +395,8 @@ class Physical:
         return DeferredConstraintError(
             f"{frame.scope.label}: {named} on {self.key.describe()} is violated by what the test wrote "
             f"({detail}). In production the COMMIT would have failed. sa_rollback checks deferred "
-            "constraints (SET CONSTRAINTS ALL IMMEDIATE) before rolling back; fix the data, or pass "
-            "RollbackScope(check_deferred=False) to skip the check.",
+            "constraints (SET CONSTRAINTS ALL IMMEDIATE) before rolling back; fix the data, or "
+            f"{frame.scope.deferred_hint} to skip the check.",
             constraint,
         )
 

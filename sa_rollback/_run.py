@@ -6,9 +6,12 @@ both import it; it imports neither.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import traceback
 import uuid
+from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import pytest
@@ -75,6 +78,7 @@ class Databases:
                     rebuild=settings.rebuild,
                     on_build=lambda name, seconds: self.builds.append((name, seconds)),
                     schema_inputs=split_inputs(settings.schema_inputs),
+                    schema_dir=self.schema_dir(),
                 )
             )
         return self._plan
@@ -84,13 +88,25 @@ class Databases:
         inputs = self._plan.inputs if self._plan is not None else []
         return f" (fingerprint of {', '.join(inputs)})" if inputs else ""
 
+    def schema_dir(self) -> Path:
+        """Where relative schema paths start: the ini file's directory, else pytest's rootdir."""
+        inipath = self.config.inipath
+        return inipath.parent if inipath is not None else self.config.rootpath
+
     def get(self) -> Provisioned:
         if self.provisioned is None:
             plan = self.plan()
-            self.provisioned = self._guard(lambda: provision(plan, self.run_id, self.worker))
+            self.provisioned = self._guard(lambda: provision(plan, self.run_id, self.worker, self._notice))
             if self.settings.export_env:
                 os.environ[self.settings.export_env] = self.provisioned.url_string()
         return self.provisioned
+
+    def _notice(self, text: str) -> None:
+        """Say something at once, past pytest's output capture (a wait the user can end)."""
+        capture = self.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
     @staticmethod
     def _guard(step: Callable[[], T]) -> T:

@@ -84,6 +84,8 @@ class RollbackScope:
         self.reset_sequences = reset_sequences
         self._sequence_databases = None if sequence_databases is None else frozenset(sequence_databases)
         self.refuse_other_sequences = refuse_other_sequences
+        #: how to skip the deferred-constraint check, named by DeferredConstraintError (the plugin names its settings)
+        self.deferred_hint = "pass RollbackScope(check_deferred=False)"
         #: errors recorded during the scope, raised at exit
         self.errors: list[SaRollbackError] = []
         self._physicals: list[Physical] = []

@@ -38,7 +38,7 @@ OPTIONS: tuple[Option, ...] = (
         "--sa-rollback",
         "sa_rollback",
         "SA_ROLLBACK",
-        "Roll back every test's database writes: 'on' (default) or 'off' to let writes through",
+        "Roll back every test's database writes; 'off' lets them through",
         kind="bool",
         default=True,
     ),
@@ -146,13 +146,23 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def _to_bool(option: Option, value: str, source: str) -> bool:
+def switch(value: str) -> Optional[bool]:
+    """A switch's word (on, off, true, false, yes, no, 1, 0) as a bool; None for any other word."""
     lowered = value.strip().lower()
     if lowered in _TRUE:
         return True
-    if lowered in _FALSE:
+    if lowered in _FALSE and lowered:
         return False
-    raise ConfigurationError(f"{source} is {value!r}; {option.field} takes one of: on, off, true, false, 1, 0.")
+    return None
+
+
+def _to_bool(option: Option, value: str, source: str) -> bool:
+    if not value.strip():
+        return False
+    result = switch(value)
+    if result is not None:
+        return result
+    raise ConfigurationError(f"{source} is {value!r}; it takes one of: on, off, true, false, 1, 0.")
 
 
 def _to_seconds(option: Option, value: str, source: str) -> float:
@@ -161,7 +171,7 @@ def _to_seconds(option: Option, value: str, source: str) -> float:
     except ValueError:
         seconds = float("nan")
     if not seconds > 0:  # also rejects nan
-        raise ConfigurationError(f"{source} is {value!r}; {option.field} takes a positive number of seconds or 'inf'.")
+        raise ConfigurationError(f"{source} is {value!r}; it takes a positive number of seconds, or 'inf'.")
     return seconds
 
 

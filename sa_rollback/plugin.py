@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Generator
 from contextlib import AbstractContextManager
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import pytest
 
 from ._run import Databases, databases_key, is_xdist_controller, mode_key, ranks_key, scope_key, settings_key
 from ._scope import RollbackScope, open_scopes, suspended
-from ._settings import OPTIONS, resolve
+from ._settings import OPTIONS, Option, Settings, resolve, switch
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackWarning, ScopeError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
@@ -43,26 +44,50 @@ class _XdistHooks:
 _LEGACY_INI = ("mocked-engines", "mocked-sessions", "mocked-sessionmakers")
 
 
+def _default_text(option: Option) -> str:
+    """The default as the user writes it: on/off for switches, nothing where there is none."""
+    if option.default is None:
+        return ""
+    if option.kind == "bool":
+        return f" (default: {'on' if option.default else 'off'})"
+    if option.kind == "float":
+        return f" (default: {option.default:g})"
+    return f" (default: {option.default})"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("sa_rollback", "sa_rollback: rolled-back database transactions")
     for option in OPTIONS:
-        default_text = "" if option.default is None or option.field == "server_dir" else f" (default: {option.default})"
-        help_text = f"{option.help}{default_text}. Also ini key {option.ini}, env {option.env}"
-        if option.kind == "bool":
-            group.addoption(option.flag, dest=f"sa_{option.field}", default=None, metavar="on|off", help=help_text)
-            parser.addini(option.ini, help=option.help, default=None)
-        else:
-            group.addoption(option.flag, dest=f"sa_{option.field}", default=None, help=help_text)
-            parser.addini(option.ini, help=option.help, default=None)
+        help_text = f"{option.help}{_default_text(option)}"
+        ini_type: Literal["bool", "string"] = "bool" if option.kind == "bool" else "string"
+        metavar = "on|off" if option.kind == "bool" else None
+        group.addoption(
+            option.flag,
+            dest=f"sa_{option.field}",
+            default=None,
+            metavar=metavar,
+            help=f"{help_text}. Also ini key {option.ini}, env {option.env}",
+        )
+        parser.addini(option.ini, help=help_text, type=ini_type, default=None)
     for key in _LEGACY_INI:
         parser.addini(key, type="args", default=[], help="Ignored: sa_rollback covers every engine without mocking")
 
 
+def _ini(config: pytest.Config, key: str) -> Any:
+    """An ini value; a switch that pytest cannot read is reported under its key, like any setting."""
+    try:
+        return config.getini(key)
+    except (ValueError, TypeError, pytest.UsageError) as exc:
+        raise ConfigurationError(
+            f"the ini key {key} is not understood ({exc}); it takes one of: on, off, true, false, 1, 0."
+        ) from None
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    settings = resolve(
-        cli=lambda field: config.getoption(f"sa_{field}"),
-        ini=lambda key: config.getini(key),
-    )
+    try:
+        settings = resolve(cli=lambda field: config.getoption(f"sa_{field}"), ini=lambda key: _ini(config, key))
+    except ConfigurationError as exc:
+        raise pytest.UsageError(f"sa_rollback: {exc}") from None
     config.stash[settings_key] = settings
     config.stash[ranks_key] = {}
     databases = Databases(config, settings)
@@ -153,11 +178,37 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def _marker_args(
     enabled: bool = True, real_commits: bool = False, *, reset_sequences: Optional[bool] = None
 ) -> tuple[bool, bool]:
-    """The signature of ``@pytest.mark.sa_rollback``; a typo gets Python's own error.
+    """The signature of ``@pytest.mark.sa_rollback``: one keyword per argument.
 
-    ``reset_sequences`` is read by :func:`_resets_sequences`.
+    :func:`_read_marker` binds the marker to it and checks every argument
+    (a switch: a bool, or on/off/true/false/1/0), so a new argument is one
+    more keyword here. ``reset_sequences`` is read by :func:`_resets_sequences`.
     """
-    return bool(enabled), bool(real_commits)
+    return enabled, real_commits
+
+
+def _read_marker(marker: pytest.Mark) -> tuple[bool, bool]:
+    """The marker's arguments, strictly: ``"off"`` or a typo must not leave rollback on silently."""
+    __tracebackhide__ = True
+    shown = ", ".join([repr(a) for a in marker.args] + [f"{k}={v!r}" for k, v in marker.kwargs.items()])
+    signature = inspect.signature(_marker_args)
+    valid = ", ".join(f"{name}={param.default!r}" for name, param in signature.parameters.items())
+    try:
+        bound = signature.bind(*marker.args, **marker.kwargs)
+    except TypeError as exc:
+        raise ConfigurationError(f"@pytest.mark.sa_rollback({shown}): {exc}. Its arguments are: {valid}.") from None
+    switches: dict[str, bool] = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, bool):
+            switches[name] = value
+        elif isinstance(value, str) and switch(value) is not None:
+            switches[name] = bool(switch(value))
+        else:
+            raise ConfigurationError(
+                f"@pytest.mark.sa_rollback({shown}): {name} is {value!r}; it takes True or False "
+                "(or one of 'on', 'off', 'true', 'false', '1', '0')."
+            )
+    return _marker_args(**switches)
 
 
 def _resets_sequences(item: pytest.Item) -> bool:
@@ -166,7 +217,7 @@ def _resets_sequences(item: pytest.Item) -> bool:
     value = marker.kwargs.get("reset_sequences") if marker is not None else None
     if value is None:
         return bool(item.config.stash[settings_key].reset_sequences)
-    return bool(value)
+    return bool(switch(value)) if isinstance(value, str) else bool(value)  # _read_marker checked it
 
 
 def _sequence_scope_args(config: pytest.Config, reset: bool) -> dict[str, Any]:
@@ -212,13 +263,22 @@ def _begin(item: pytest.Item) -> None:
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
-    scope = RollbackScope(
-        item.nodeid,
-        check_deferred=settings.check_deferred,
-        **_sequence_scope_args(item.config, _resets_sequences(item)),
-    ).__enter__()
+    scope = _open_scope(item.nodeid, settings, **_sequence_scope_args(item.config, _resets_sequences(item)))
     item.stash[scope_key] = scope
     item.addfinalizer(scope.close)
+
+
+#: how a pytest user skips the deferred-constraint check, for DeferredConstraintError
+_DEFERRED_HINT = next(
+    f"set {o.flag}=off (or the ini key {o.ini} = off, or {o.env}=off)" for o in OPTIONS if o.field == "check_deferred"
+)
+
+
+def _open_scope(label: str, settings: Settings, **sequences: Any) -> RollbackScope:
+    """A scope the plugin opens: its errors name the plugin's settings rather than the library's arguments."""
+    scope = RollbackScope(label, check_deferred=settings.check_deferred, **sequences)
+    scope.deferred_hint = _DEFERRED_HINT
+    return scope.__enter__()
 
 
 def _check_restorable(item: pytest.Item) -> None:
@@ -337,7 +397,7 @@ def pytest_fixture_setup(
         resets = _sequence_scope_args(request.config, _data_scope_resets(request))
         if resets:  # the tests that reset sequences report a database they may not reset; the data is no test
             resets["refuse_other_sequences"] = False
-        scope = RollbackScope(label, check_deferred=settings.check_deferred, **resets).__enter__()
+        scope = _open_scope(label, settings, **resets)
         request.config.stash[ranks_key][id(scope)] = _RANK[fixturedef.scope]
         # Registered before the fixture's own teardown, so it runs after it.
         request.addfinalizer(lambda: _close_data_scope(request.config, scope))
@@ -379,10 +439,9 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     marker = item.get_closest_marker("sa_rollback")
     if marker is not None and settings.enabled:
         try:
-            mode = _marker_args(*marker.args, **marker.kwargs)
-        except TypeError as exc:
-            error = ConfigurationError(f"@pytest.mark.sa_rollback{marker.args or ''}: {exc}")
-            mode = (True, False)  # its fixtures' writes still roll back
+            mode = _read_marker(marker)
+        except ConfigurationError as exc:
+            error, mode = exc, (True, False)  # its fixtures' writes still roll back
     if mode[0] and mode[1]:
         try:
             _check_restorable(item)
@@ -391,6 +450,25 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     item.stash[mode_key] = mode
     yield
     if error is not None:
+        __tracebackhide__ = True
         raise error
     if scope_key not in item.stash:
         _begin(item)
+
+
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
+    """An error the test already failed with is not reported a second time by its scope's teardown.
+
+    The scope keeps errors such as a refused multi-statement ``COMMIT`` so that
+    the test fails even when the application catches them; when the error
+    reached pytest anyway, it is reported once, where it happened.
+    """
+    scope = item.stash.get(scope_key, None)
+    if scope is None or call.excinfo is None or not scope.errors:
+        return
+    raised: set[int] = set()
+    error: Optional[BaseException] = call.excinfo.value
+    while error is not None and id(error) not in raised:
+        raised.add(id(error))
+        error = error.__cause__ or error.__context__
+    scope.errors[:] = [kept for kept in scope.errors if id(kept) not in raised]

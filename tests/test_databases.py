@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import textwrap
+import threading
 import time
 import uuid
 import warnings
@@ -229,22 +230,51 @@ def test_sql_files_and_existing_database(inner: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(['*relation "users" does not exist*'])
 
 
-def test_alembic_schema(inner: pytest.Pytester) -> None:
-    head = uuid.uuid4().hex[:12]
-    (inner.path / "migrations" / "versions").mkdir(parents=True)
-    inner.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n")
-    (inner.path / "migrations" / "env.py").write_text(
-        textwrap.dedent(
-            """
-            from alembic import context
+def test_a_clone_that_waits_for_sessions_on_its_template_says_who_they_are(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_x="def test_x(db_session):\n    pass\n")
+    held = psycopg.connect(libpq_dsn(BASE) + "?application_name=held_by_selftest", autocommit=True)
 
-            connection = context.config.attributes["connection"]
-            context.configure(connection=connection, target_metadata=None)
-            with context.begin_transaction():
-                context.run_migrations()
-            """
-        )
+    def release_when_the_clone_waits() -> None:
+        with admin() as watcher:
+            deadline = time.monotonic() + 60
+            while (
+                time.monotonic() < deadline
+                and not watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'CREATE DATABASE%%' AND pid <> pg_backend_pid()"
+                ).fetchone()
+            ):
+                time.sleep(0.05)
+        held.close()  # the clone goes on once it is gone
+
+    releaser = threading.Thread(target=release_when_the_clone_waits)
+    releaser.start()
+    try:
+        result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "existing")
+    finally:
+        releaser.join()
+    result.assert_outcomes(passed=1)
+    result.stderr.fnmatch_lines(
+        [f"sa_rollback: waiting up to 30 s to clone '{BASE}'*1 session(s) are: pid * 'held_by_selftest' from *"]
     )
+    assert result.stderr.str().count("waiting up to") == 1, result.stderr.str()
+
+
+COOKBOOK_ENV = """
+from alembic import context
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=None)
+with context.begin_transaction():
+    context.run_migrations()
+"""
+
+
+def alembic_project(inner: pytest.Pytester, env_py: str) -> None:
+    """alembic.ini, env.py and one revision that creates ``users``, in the inner project."""
+    head = uuid.uuid4().hex[:12]
+    (inner.path / "migrations" / "versions").mkdir(parents=True, exist_ok=True)
+    inner.makefile(".ini", alembic="[alembic]\nscript_location = migrations\n")
+    (inner.path / "migrations" / "env.py").write_text(env_py)
     (inner.path / "migrations" / "script.py.mako").write_text("")
     (inner.path / "migrations" / "versions" / f"{head}_users.py").write_text(
         textwrap.dedent(
@@ -261,9 +291,18 @@ def test_alembic_schema(inner: pytest.Pytester) -> None:
             """
         )
     )
+
+
+def test_alembic_schema(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    alembic_project(inner, COOKBOOK_ENV)
     inner.makepyfile(test_rows=SAME_ROW_TESTS)
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
     result.assert_outcomes(passed=6)
+    # From a subdirectory (as IDEs run it), the path and script_location start at the ini file.
+    inner.makeini("[pytest]\n")
+    monkeypatch.chdir(inner.mkdir("sub"))
+    args = ("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini", str(inner.path / "test_rows.py"))
+    inner.runpytest_subprocess(*args).assert_outcomes(passed=6)
     # A second head makes the schema ambiguous: a clear error, once.
     (inner.path / "migrations" / "versions" / "other.py").write_text(
         'revision = "other1"\ndown_revision = None\ndef upgrade():\n    pass\n'
@@ -271,6 +310,67 @@ def test_alembic_schema(inner: pytest.Pytester) -> None:
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*Alembic has several heads*merge them*"])
+
+
+def test_an_alembic_env_with_its_own_url_migrates_the_template_never_the_configured_database(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the FastAPI full-stack template does: env.py builds its own engine from the app's settings.
+    monkeypatch.setenv("APP_DATABASE_URL", base_url())
+    own_engine = (
+        "import os\nimport sqlalchemy as sa\nfrom alembic import context\n\n"
+        "engine = sa.create_engine(os.environ['APP_DATABASE_URL'])\n"
+        "with engine.begin() as connection:\n"
+        "    context.configure(connection=connection, target_metadata=None)\n"
+        "    with context.begin_transaction():\n"
+        "        context.run_migrations()\n"
+    )
+    alembic_project(inner, own_engine)
+    inner.makepyfile(test_rows=SAME_ROW_TESTS)
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
+    result.assert_outcomes(passed=6)
+    with psycopg.connect(libpq_dsn(BASE)) as conn:  # the configured database was never migrated
+        assert conn.execute("SELECT to_regclass('users'), to_regclass('alembic_version')").fetchone() == (None, None)
+    # An env.py that migrates elsewhere (a driver connection of its own escapes any redirect) leaves
+    # the template empty, which gets a clear message instead of UndefinedTable.
+    (inner.path / "migrations" / "env.py").write_text(
+        "from alembic import context\n\n"
+        "context.configure(connection=context.config.attributes['connection'], target_metadata=None)\n"
+        "# no run_migrations() on the connection it was given\n"
+    )
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema", "alembic:alembic.ini")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*the template database has no alembic_version table: env.py migrated another*"])
+    assert "UndefinedTable" not in result.stderr.str()
+
+
+def test_relative_schema_paths_start_at_the_ini_file(inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    (inner.path / "db").mkdir()
+    (inner.path / "db" / "schema.sql").write_text(f"{USERS_SQL}\n-- {uuid.uuid4().hex}\n")
+    inner.makeini("[pytest]\nsa_rollback_schema = sql:db/schema.sql\n")
+    tests = inner.mkdir("tests")
+    (tests / "test_users.py").write_text(
+        "import sqlalchemy as sa\n\n"
+        "def test_users(db_session):\n"
+        "    assert db_session.execute(sa.text('SELECT count(*) FROM users')).scalar() == 0\n"
+    )
+    monkeypatch.chdir(tests)
+    inner.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    # A missing file names the directory it was looked for in: the ini file's, not the current one.
+    inner.makeini("[pytest]\nsa_rollback_schema = alembic:alembic.ini\n")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "ERROR: sa_rollback: The Alembic configuration 'alembic.ini' does not exist: "
+            f"looked for it in '{inner.path}'*"
+        ]
+    )
+    inner.makeini("[pytest]\nsa_rollback_schema = sql:db/schema.sql,db/missing.sql\n")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider")
+    result.stderr.fnmatch_lines(
+        [f"*The schema file 'db/missing.sql' does not exist: looked for it in '{inner.path / 'db'}'*"]
+    )
 
 
 @pytest.mark.parametrize("extra", [(), ("-n", "2")], ids=["serial", "xdist"])

@@ -12,9 +12,16 @@ import pytest
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
 
 
+@pytest.fixture(scope="module")
+def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded server's data directory for this module: cold for the first run, warm for the next."""
+    return tmp_path_factory.mktemp("embedded_server")
+
+
 @pytest.mark.parametrize("extra", [(), ("-n", "2")], ids=["serial", "xdist"])
-def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...]) -> None:
+def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...], server_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SA_ROLLBACK", "PYTEST_"))}
+    env["SA_ROLLBACK_SERVER_DIR"] = str(server_dir)  # the suite never writes into the user's ~/.cache/sa_rollback
     result = subprocess.run(
         [sys.executable, "-m", "pytest", str(EXAMPLE), "-q", "-p", "no:cacheprovider", *extra],
         env=env,

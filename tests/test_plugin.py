@@ -210,8 +210,10 @@ def test_bad_marker_and_bad_setting_say_what_is_wrong(pytester: pytest.Pytester,
     result.stdout.fnmatch_lines(["*sa_rollback*unexpected keyword argument 'enabeld'*"])
     monkeypatch.setenv("SA_ROLLBACK", "maybe")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.stderr.fnmatch_lines(["*SA_ROLLBACK is 'maybe'; enabled takes one of: on, off*"])
-    assert result.ret != 0
+    result.stderr.fnmatch_lines(
+        ["ERROR: sa_rollback: the environment variable SA_ROLLBACK is 'maybe'; it takes one of: on, off*"]
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
 def test_fixture_docs_are_shown(pytester: pytest.Pytester) -> None:
@@ -251,7 +253,13 @@ def test_deferred_constraints_are_checked_unless_switched_off(pytester: pytest.P
         result.assert_outcomes(passed=1)
     else:
         result.assert_outcomes(passed=1, errors=1)
-        result.stdout.fnmatch_lines(["*DeferredConstraintError*"])
+        result.stdout.fnmatch_lines(
+            [
+                "*DeferredConstraintError*set --sa-check-deferred=off (or the ini key "
+                "sa_rollback_check_deferred = off, or SA_ROLLBACK_CHECK_DEFERRED=off) to skip the check*"
+            ]
+        )
+        assert "RollbackScope(check_deferred=False)" not in result.stdout.str()
 
 
 def test_lock_timeout_setting_is_validated(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -266,6 +274,6 @@ def test_lock_timeout_setting_is_validated(pytester: pytest.Pytester, monkeypatc
     monkeypatch.setenv("SA_ROLLBACK_LOCK_TIMEOUT", "soon")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert result.ret != 0
-    result.stderr.fnmatch_lines(["*SA_ROLLBACK_LOCK_TIMEOUT is 'soon'; lock_timeout takes a positive number*"])
+    result.stderr.fnmatch_lines(["*SA_ROLLBACK_LOCK_TIMEOUT is 'soon'; it takes a positive number*"])
     monkeypatch.setenv("SA_ROLLBACK_LOCK_TIMEOUT", "inf")
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Optional
+from typing import Callable, Optional
 
 from sqlalchemy.engine import URL
 
@@ -26,17 +27,41 @@ def not_ours(name: str) -> DatabaseSetupError:
     )
 
 
+#: phrases of libpq's connection errors (they carry no SQLSTATE) that mean "the server answered, but refused"
+_AUTH_FAILURES = ("password authentication failed", "no password supplied", "authentication failed", "role ")
+
+
 def unreachable(url: URL, exc: BaseException, setting_hint: str) -> DatabaseSetupError:
-    """Which server was tried, as whom, why it failed and which setting to change; no password."""
+    """Which server was tried, as whom, why it failed and which setting to change; no password.
+
+    A refused login or a missing database is told apart from a server that is
+    not there: "start the server" is the wrong advice for a wrong password.
+    """
     socket_dir = url.query.get("host")
     host = url.host or (str(socket_dir) if socket_dir else "the local socket")
     reason = " ".join(str(exc).split()).rstrip(".?")
     if url.password:
         reason = reason.replace(url.password, "***")
+    where = f"{host}:{url.port or 5432}"
+    user = url.username or "(default)"
+    fatal = reason.partition("FATAL:")[2].strip().lower()
+    if fatal and "database" in fatal and "does not exist" in fatal:
+        return DatabaseSetupError(
+            f"PostgreSQL at {where} has no database {url.database!r} ({reason}). Create it, or change {setting_hint}."
+        )
+    if fatal and any(phrase in fatal for phrase in _AUTH_FAILURES):
+        return DatabaseSetupError(
+            f"PostgreSQL at {where} refused user {user} ({reason}). The server is running: check the user "
+            f"and password in {setting_hint} (or in ~/.pgpass / PGPASSWORD)."
+        )
     return DatabaseSetupError(
-        f"PostgreSQL is unreachable at {host}:{url.port or 5432} as user {url.username or '(default)'} "
-        f"({reason}). Start the server or change {setting_hint}."
+        f"PostgreSQL is unreachable at {where} as user {user} ({reason}). Start the server or change {setting_hint}."
     )
+
+
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 class Janitor:
@@ -47,9 +72,13 @@ class Janitor:
     or replaced.
     """
 
-    def __init__(self, admin_url: URL, setting_hint: str = "the database URL") -> None:
+    def __init__(
+        self, admin_url: URL, setting_hint: str = "the database URL", notice: Optional[Callable[[str], None]] = None
+    ) -> None:
         self.url = admin_url
         self.setting_hint = setting_hint
+        #: where a long wait is announced (standard error by default; the plugin writes past pytest's capture)
+        self.notice = notice or _to_stderr
         self._conn: Optional[AdminConnection] = None
 
     def __enter__(self) -> Janitor:
@@ -73,6 +102,18 @@ class Janitor:
         return self._conn
 
     # -- reading -----------------------------------------------------------------------------
+
+    def require(self, name: str, setting_hint: str) -> None:
+        """Fail at start-up, once, when the database the tests are configured to use does not exist."""
+        if self.exists(name):
+            return
+        url = self.url
+        raise DatabaseSetupError(
+            f"The database {name!r} does not exist on {url.host or 'the local socket'}:{url.port or 5432}. "
+            f"Create it, or set the schema ({setting_hint}): with a schema, sa_rollback builds the tests' "
+            "database itself, for example sa_rollback_schema = myapp.models:Base, "
+            "'alembic:alembic.ini' or 'sql:schema.sql'."
+        )
 
     def exists(self, name: str) -> bool:
         return bool(self.conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
@@ -125,6 +166,16 @@ class Janitor:
             statement = self.conn.compose("CREATE DATABASE {}", name)
         else:
             statement = self.conn.compose("CREATE DATABASE {} TEMPLATE {}", name, template)
+        if template is not None:
+            # PostgreSQL copies a database only when nobody is connected to it, and waits
+            # silently for them (5 s per attempt): say at once whom the clone waits for.
+            waiting = self._waiting_for(template, timeout)
+            grace = time.monotonic() + 0.5  # sessions just terminated (pg_terminate_backend) take a moment to go
+            while waiting is not None and time.monotonic() < grace:
+                time.sleep(0.05)
+                waiting = self._waiting_for(template, timeout)
+            if waiting is not None:
+                self.notice(waiting)
         deadline = time.monotonic() + timeout
         delay = 0.05
         while True:
@@ -148,6 +199,26 @@ class Janitor:
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
         self.set_mark(name, mark)
+
+    def _waiting_for(self, template: str, timeout: float) -> Optional[str]:
+        """Who keeps a template busy: the sessions connected to it, as the server lists them."""
+        rows = self.conn.execute(
+            "SELECT pid, coalesce(nullif(application_name, ''), '?'), coalesce(client_addr::text, 'local socket'), "
+            "usename, to_char(backend_start, 'HH24:MI:SS') FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid() ORDER BY backend_start",
+            (template,),
+        )
+        sessions = "; ".join(
+            f"pid {pid} {app!r} from {client} as {user}, since {since}" for pid, app, client, user, since in rows[:5]
+        )
+        if not rows:
+            return None
+        more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+        return (
+            f"sa_rollback: waiting up to {timeout:.0f} s to clone {template!r}: PostgreSQL copies a database only "
+            f"while nobody else is connected to it, and {len(rows)} session(s) are: {sessions}{more}. "
+            "Close them (psql, an IDE, a running app) to go on."
+        )
 
     def set_mark(self, name: str, mark: Mark) -> None:
         # COMMENT takes no bound parameters; the driver quotes the literal.

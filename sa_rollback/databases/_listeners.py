@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy.engine import URL
@@ -65,12 +67,29 @@ class _Redirect:
             host = "localhost"
         return host, str(params.get("port") or "5432")
 
-    def add(self, url: URL, base: str, clone: str) -> None:
+    def _key(self, url: URL, base: str) -> tuple[str, str, str]:
         # A unix-socket URL carries its directory in the query (?host=/run/postgresql).
         params: dict[str, Any] = {"host": url.host or url.query.get("host"), "port": url.port or url.query.get("port")}
         host, port = self._norm({k: v[0] if isinstance(v, tuple) else v for k, v in params.items()})
-        self.routes[(host, port, base)] = clone
+        return host, port, base
+
+    def add(self, url: URL, base: str, clone: str) -> None:
+        self.routes[self._key(url, base)] = clone
         self.install()
+
+    @contextmanager
+    def routed(self, url: URL, base: str, target: str) -> Iterator[None]:
+        """Send connections for ``base`` to ``target`` for the duration, then route them as before."""
+        key = self._key(url, base)
+        before = self.routes.get(key)
+        self.add(url, base, target)
+        try:
+            yield
+        finally:
+            if before is None:
+                self.routes.pop(key, None)
+            else:
+                self.routes[key] = before
 
     def clear(self) -> None:
         self.routes.clear()

@@ -62,7 +62,12 @@ def ensure_template(
         started = time.perf_counter()
         janitor.create(name, Mark.template(base, source.fingerprint, run_id, ready=False))
         try:
-            source.build(server.url_for(name))
+            # A build that connects to the configured database by itself (an env.py that reads the
+            # app's settings, a hook) reaches the template instead: the configured one is never touched.
+            with REDIRECT.routed(server.admin_url, base, name):
+                source.build(server.url_for(name))
+            # Connections the build left open (an engine env.py never disposed) would block every clone.
+            janitor.terminate(name)
         except BaseException:
             janitor.drop(name)
             raise
@@ -171,6 +176,7 @@ def prepare(
     rebuild: bool = False,
     on_build: Optional[Callable[[str, float], None]] = None,
     schema_inputs: Sequence[str] = (),
+    schema_dir: Optional[Path] = None,
 ) -> Plan:
     """Start or find the server and build the template if needed; clone nothing.
 
@@ -183,13 +189,15 @@ def prepare(
     timings["server"] = time.perf_counter() - started
     hint = "--sa-url / SA_ROLLBACK_URL / the sa_rollback_url ini key" if url else "--sa-server-dir"
     with Janitor(server.admin_url, hint) as janitor:
-        source = schema_source(schema, schema_inputs)
+        source = schema_source(schema, schema_inputs, schema_dir)
         driver_url = make_url(url) if url else server.admin_url
         if configured is None:
             base = EMBEDDED_BASE
             ensure_empty_base(janitor, base)
         else:
             base = configured
+        if configured is not None and (source is None or source.kind == "existing"):
+            janitor.require(configured, "--sa-schema / SA_ROLLBACK_SCHEMA / the sa_rollback_schema ini key")
         if source is None and configured is not None and not parallel:
             # A configured database, no schema to build, one process: use it as it is.
             return Plan(server, driver_url, base, configured, None, timings)
@@ -199,14 +207,17 @@ def prepare(
     return Plan(server, driver_url, base, configured, template, timings, source.inputs if source else [])
 
 
-def provision(plan: Plan, run_id: str, worker: str) -> Provisioned:
-    """Provide this process's test database from the plan that :func:`prepare` made."""
+def provision(plan: Plan, run_id: str, worker: str, notice: Optional[Callable[[str], None]] = None) -> Provisioned:
+    """Provide this process's test database from the plan that :func:`prepare` made.
+
+    ``notice`` is told when the clone has to wait for other sessions to leave the template.
+    """
     server = plan.server
     timings = dict(plan.timings)
     if plan.template is None:
         return Provisioned(server, plan.driver_url.set(database=plan.base), plan.base, False, timings)
     database = clone_name(plan.base, run_id, worker)
-    with Janitor(server.admin_url) as janitor:
+    with Janitor(server.admin_url, notice=notice) as janitor:
         drop_dead_clones(janitor, plan.base)
         started = time.perf_counter()
         janitor.replace(database, Mark.clone(plan.base, run_id), template=plan.template)

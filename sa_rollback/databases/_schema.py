@@ -90,17 +90,42 @@ def _metadata_source(spec: str) -> SchemaSource:
     return SchemaSource("metadata", spec, _digest("metadata", *ddl), build, [f"the DDL of {spec}"])
 
 
-def _alembic_source(spec: str) -> SchemaSource:
+def _locate(spec: str, base_dir: Optional[Path], what: str) -> Path:
+    """A file named in the schema setting; a relative path is relative to ``base_dir`` (the ini file's)."""
+    path = Path(spec.strip()).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        where = f" in {str(path.absolute().parent)!r}" if not Path(spec.strip()).expanduser().is_absolute() else ""
+        why = " (relative paths are relative to the directory of pytest's ini file)" if base_dir else ""
+        raise ConfigurationError(f"{what} {spec.strip()!r} does not exist: looked for it{where}{why}.")
+    return path
+
+
+def _alembic_config(ini: Path) -> Any:
+    """Alembic's config of ``ini``; a relative script_location is taken relative to the ini file.
+
+    Alembic reads it relative to the current directory, which is the ini
+    file's when ``alembic`` runs from the command line, but not when pytest
+    runs from a subdirectory.
+    """
+    from alembic.config import Config
+
+    config = Config(str(ini))
+    location = config.get_main_option("script_location")
+    if location and ":" not in location and not Path(location).is_absolute():
+        config.set_main_option("script_location", str(ini.parent / location))
+    return config
+
+
+def _alembic_source(spec: str, base_dir: Optional[Path] = None) -> SchemaSource:
     try:
         from alembic import command
-        from alembic.config import Config
         from alembic.script import ScriptDirectory
     except ImportError:
         raise ConfigurationError(f'The schema {spec!r} needs Alembic: pip install "sa-rollback[alembic]".') from None
-    ini = Path(spec)
-    if not ini.is_file():
-        raise ConfigurationError(f"The Alembic configuration {spec!r} does not exist.")
-    config = Config(str(ini))
+    ini = _locate(spec, base_dir, "The Alembic configuration")
+    config = _alembic_config(ini)
     script = ScriptDirectory.from_config(config)
     heads = sorted(script.get_heads())
     if len(heads) > 1:
@@ -119,7 +144,7 @@ def _alembic_source(spec: str) -> SchemaSource:
     def build(url: URL) -> None:
         import sqlalchemy as sa
 
-        cfg = Config(str(ini))
+        cfg = _alembic_config(ini)
         rendered = url.render_as_string(hide_password=False)
         cfg.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
         engine = sa.create_engine(url)
@@ -129,6 +154,13 @@ def _alembic_source(spec: str) -> SchemaSource:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
             with engine.connect() as conn:
+                if conn.execute(sa.text("SELECT to_regclass('alembic_version')")).scalar() is None:
+                    raise DatabaseSetupError(
+                        "After 'alembic upgrade head' the template database has no alembic_version table: "
+                        "env.py migrated another database. Make env.py use the connection in "
+                        "config.attributes['connection'] (the Alembic cookbook's recipe) or the "
+                        "sqlalchemy.url it is given, rather than a URL or driver connection of its own."
+                    )
                 current = set(conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars())
         finally:
             engine.dispose()
@@ -146,13 +178,11 @@ def _alembic_source(spec: str) -> SchemaSource:
     return SchemaSource("alembic", spec, _digest(*parts), build, described)
 
 
-def _sql_source(spec: str) -> SchemaSource:
-    paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
-    if not paths:
+def _sql_source(spec: str, base_dir: Optional[Path] = None) -> SchemaSource:
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    if not names:
         raise ConfigurationError("The schema 'sql:' names no file.")
-    for path in paths:
-        if not path.is_file():
-            raise ConfigurationError(f"The schema file {str(path)!r} does not exist.")
+    paths = [_locate(name, base_dir, "The schema file") for name in names]
     contents = [path.read_bytes() for path in paths]
 
     def build(url: URL) -> None:
@@ -212,13 +242,18 @@ def existing() -> SchemaSource:
     return SchemaSource("existing", "existing", "", lambda url: None)
 
 
-def schema_source(spec: Optional[str], inputs: Sequence[str] = ()) -> Optional[SchemaSource]:
+def schema_source(
+    spec: Optional[str], inputs: Sequence[str] = (), base_dir: Optional[Path] = None
+) -> Optional[SchemaSource]:
     """Parse the schema setting; None means "no schema to build".
 
     ``inputs``: globs of further files that feed the schema (a hook's
-    migrations, say), whose contents go into the fingerprint.
+    migrations, say), whose contents go into the fingerprint. Relative
+    ``alembic:`` and ``sql:`` paths are relative to ``base_dir`` (the plugin
+    passes the directory of pytest's ini file, else its rootdir), or to the
+    current directory without one.
     """
-    source = _parse_schema(spec)
+    source = _parse_schema(spec, base_dir)
     if source is None or not inputs or source.kind == "existing":
         return source
     return _with_inputs(source, inputs)
@@ -231,16 +266,16 @@ def split_inputs(value: Optional[str]) -> list[str]:
     return [part.strip() for part in value.replace("\n", ",").split(",") if part.strip()]
 
 
-def _parse_schema(spec: Optional[str]) -> Optional[SchemaSource]:
+def _parse_schema(spec: Optional[str], base_dir: Optional[Path] = None) -> Optional[SchemaSource]:
     if not spec:
         return None
     kind, sep, rest = spec.partition(":")
     if spec == "existing":
         return existing()
     if sep and kind == "alembic":
-        return _alembic_source(rest)
+        return _alembic_source(rest, base_dir)
     if sep and kind == "sql":
-        return _sql_source(rest)
+        return _sql_source(rest, base_dir)
     if sep and kind == "hook":
         return _hook_source(rest)
     if sep and kind == "metadata" and ":" in rest:

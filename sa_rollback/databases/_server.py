@@ -69,4 +69,16 @@ def resolve_server(url: Optional[str], data_dir: Path) -> tuple[Server, Optional
         raise ConfigurationError(f"The database URL is not a valid SQLAlchemy URL: {exc}") from None
     if not parsed.drivername.startswith("postgresql"):
         raise ConfigurationError(f"sa_rollback needs PostgreSQL; the configured URL uses {parsed.drivername!r}.")
+    if parsed.drivername in _ASYNC_DRIVERS:
+        sync = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=True)
+        raise ConfigurationError(
+            f"The test database URL uses the async driver {parsed.drivername!r}, and sa_rollback does not "
+            "isolate async engines yet: their writes would be committed for real. Give sa_rollback the "
+            f"same database with a sync driver (for example {sync}), and test through sync engines and "
+            "sessions; or run the async tests with --sa-rollback=off against a database they may write to."
+        )
     return Server(admin_url=parsed.set(database="postgres")), parsed.database
+
+
+#: PostgreSQL drivers of SQLAlchemy's asyncio extension
+_ASYNC_DRIVERS = ("postgresql+asyncpg", "postgresql+psycopg_async", "postgresql+aiopg")

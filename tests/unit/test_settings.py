@@ -149,8 +149,8 @@ def test_a_bad_value_names_its_source_the_value_and_the_choices(option: Option, 
     with pytest.raises(ConfigurationError) as caught:
         resolve_one(option, **{source: raw})
     message = str(caught.value)
-    assert message.startswith(f"{_source_name(option, source)} is {raw!r}; {option.field} takes ")
-    assert ("on, off" if option.kind == "bool" else "positive number of seconds or 'inf'") in message
+    assert message.startswith(f"{_source_name(option, source)} is {raw!r}; it takes ")
+    assert ("on, off" if option.kind == "bool" else "positive number of seconds, or 'inf'") in message
 
 
 def test_a_bad_value_of_a_lower_source_is_reported_when_nothing_overrides_it() -> None:
