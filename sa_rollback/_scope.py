@@ -14,10 +14,15 @@ from ._physical import Physical
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackError
 
+_installed = False
+
 
 def install() -> None:
     """Register the process-wide listeners (idempotent); the first scope does it too."""
-    install_listeners(STATE)
+    global _installed
+    if not _installed:
+        install_listeners(STATE)
+        _installed = True
 
 
 def _check_timeout(value: float) -> float:
@@ -79,7 +84,8 @@ class RollbackScope:
         refuse_other_sequences: bool = True,
     ) -> None:
         self.label = label
-        self.lock_timeout = _check_timeout(STATE.lock_timeout if lock_timeout is None else lock_timeout)
+        # STATE.lock_timeout is checked where it is set (the plugin's settings).
+        self.lock_timeout = STATE.lock_timeout if lock_timeout is None else _check_timeout(lock_timeout)
         self.check_deferred = check_deferred
         self.reset_sequences = reset_sequences
         self._sequence_databases = None if sequence_databases is None else frozenset(sequence_databases)

@@ -213,7 +213,8 @@ def _read_marker(marker: pytest.Mark) -> tuple[bool, bool]:
 
 def _resets_sequences(item: pytest.Item) -> bool:
     """The marker's ``reset_sequences``, else the setting."""
-    marker = item.get_closest_marker("sa_rollback")
+    # pytest_runtest_setup keeps the marker it looked up; the session-wide scan finds it anew.
+    marker = item.stash[marker_key] if marker_key in item.stash else item.get_closest_marker("sa_rollback")
     value = marker.kwargs.get("reset_sequences") if marker is not None else None
     if value is None:
         return bool(item.config.stash[settings_key].reset_sequences)
@@ -305,6 +306,9 @@ def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
 
     return restore
 
+
+#: the test's sa_rollback marker (or None), looked up once per test
+marker_key = pytest.StashKey[Optional[pytest.Mark]]()
 
 #: the fixtures a wider fixture requests to have its writes rolled back when it ends, by pytest scope
 DATA_FIXTURES = {
@@ -436,7 +440,7 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     settings = item.config.stash[settings_key]
     mode = (settings.enabled, False)
     error: Optional[ConfigurationError] = None
-    marker = item.get_closest_marker("sa_rollback")
+    marker = item.stash[marker_key] = item.get_closest_marker("sa_rollback")
     if marker is not None and settings.enabled:
         try:
             mode = _read_marker(marker)
