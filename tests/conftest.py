@@ -20,6 +20,8 @@ from sqlalchemy.engine import make_url
 import sa_rollback
 from sa_rollback._state import STATE
 
+from . import _compat
+
 
 def _admin_url() -> str:
     """The server of the suite: SA_ROLLBACK_TEST_URL, else the local one, else an embedded one."""
@@ -42,7 +44,7 @@ def _admin_url() -> str:
 
 
 ADMIN_URL = os.environ.setdefault("SA_ROLLBACK_TEST_URL", _admin_url())
-DRIVERS = ("psycopg2", "psycopg")
+DRIVERS = _compat.DRIVERS
 #: databases this suite owns; created if missing, never dropped
 DB_A = "sa_rollback_selftest_a"
 DB_B = "sa_rollback_selftest_b"
@@ -113,7 +115,7 @@ def url(driver: str) -> str:
 
 @pytest.fixture
 def engine(url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(url)
+    eng = _compat.create_engine(url)
     yield eng
     eng.dispose()
 
