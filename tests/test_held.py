@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, declarative_base, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import sa_rollback
 from sa_rollback._state import STATE
 
 from ._compat import create_engine
+from ._models import Item
 from .conftest import driver_url
-
-# Classic declarations, which SQLAlchemy 1.4 and 2.x read alike.
-Base = declarative_base()
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id = sa.Column(sa.Integer, primary_key=True)
-    name = sa.Column(sa.Text, nullable=False)
-    qty = sa.Column(sa.Integer, nullable=False, default=0)
 
 
 def count(conn: sa.Connection | Session, name: str | None = None) -> int:

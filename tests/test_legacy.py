@@ -16,23 +16,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, declarative_base
+from sqlalchemy.orm import Session
 
 import sa_rollback
 
 from ._compat import SA14
+from ._models import Item
 
 pytestmark = pytest.mark.skipif(not SA14, reason="SQLAlchemy 2 has no legacy mode (engine.execute, autocommit)")
 
 ITEMS = sa.table("items", sa.column("id"), sa.column("name"), sa.column("qty"))
-Base = declarative_base()
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id = sa.Column(sa.Integer, primary_key=True)
-    name = sa.Column(sa.Text, nullable=False)
-    qty = sa.Column(sa.Integer, nullable=False, default=0)
 
 
 @pytest.fixture
