@@ -38,7 +38,7 @@ from sqlalchemy.pool import Pool
 from ._adoption import Registry, note_checkout, note_existing
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
-from ._sqla import dialect_of, pool_of, stand_in
+from ._sqla import dialect_of, pool_of, reset_connection, stand_in
 
 _lock = threading.Lock()
 #: the process-wide state, once installed
@@ -81,6 +81,8 @@ def _give_back(logical: Lent, connection_record: Any) -> None:
 
 
 def _on_reset(dbapi_connection: Any, connection_record: Any, reset_state: Any = None) -> None:
+    # reset_state: SQLAlchemy 2 passes it, 1.4 does not; it is not needed.
+    dbapi_connection = reset_connection(dbapi_connection)
     if type(dbapi_connection) is LogicalConnection:
         # Raising here would only be logged by the pool; the scope raises it instead.
         _give_back(dbapi_connection, connection_record)

@@ -1,19 +1,48 @@
-"""Every use of SQLAlchemy's private pool internals, in one place.
+"""Every use of SQLAlchemy's private pool internals, and every difference between its lines, in one place.
 
 The public pool events hand over the pool's checkout proxy (a
 ``_ConnectionFairy``) and its ``_ConnectionRecord``; standing a logical
 connection in for the driver's needs a few attributes that SQLAlchemy does not
 document. Each is used through a function here, so that a change between
 SQLAlchemy lines is met in one module, and each has a test on the supported
-lines (``tests/test_sqla.py``).
+lines (``tests/test_sqla.py``, run by CI on 1.4, 2.0 and 2.1).
+
+What differs on 1.4: the ``reset`` event passes the checkout proxy, not its
+DBAPI connection (:func:`reset_connection`), and a bare ``postgresql://`` URL
+means psycopg2, with no dialect for psycopg 3 (:func:`default_postgresql_driver`).
+The private attributes used here are the same on every supported line.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
+import sqlalchemy
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import Pool
 from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
+
+#: the SQLAlchemy releases CI tests, as [lowest, first excluded) per line
+SUPPORTED = (((1, 4, 54), (1, 5)), ((2, 0, 30), (2, 2)))
+
+
+def version_problem(version: str) -> Optional[str]:
+    """Why sa_rollback refuses SQLAlchemy ``version``, or None when it is supported."""
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if any(low <= release < high for low, high in SUPPORTED):
+        return None
+    return (
+        f"sa_rollback supports SQLAlchemy 1.4.54 and later 1.4 releases, and 2.0.30 up to 2.1; this "
+        f"environment has SQLAlchemy {version}. Upgrade it: pip install 'SQLAlchemy>=1.4.54,<1.5' to "
+        "stay on 1.4, or 'SQLAlchemy>=2.0.30,<2.2'."
+    )
+
+
+# pip cannot be told to skip 2.0.0 to 2.0.29 in one range, so the import refuses them.
+_problem = version_problem(sqlalchemy.__version__)
+if _problem is not None:
+    raise ImportError(_problem)
 
 #: the pool's checkout proxy: what ``Connection.connection`` and ``engine.raw_connection()`` return
 Fairy = _ConnectionFairy
@@ -34,6 +63,19 @@ def record_of(fairy: Any) -> Optional[_ConnectionRecord]:
     """The pool record behind a checkout proxy; None once it is detached or checked in."""
     record: Optional[_ConnectionRecord] = fairy._connection_record  # noqa: SLF001
     return record
+
+
+def reset_connection(argument: Any) -> Any:
+    """The DBAPI connection that the pool's ``reset`` event is about.
+
+    SQLAlchemy 2 passes the checkout proxy's DBAPI connection; 1.4 passes the
+    checkout proxy itself (its documentation says otherwise), whose
+    ``dbapi_connection`` is the one meant. Told apart by type, not by version,
+    so that the 2.x path costs one type check.
+    """
+    if type(argument) is Fairy:
+        return argument.dbapi_connection
+    return argument
 
 
 def held_connection(fairy: Any) -> Any:
@@ -65,3 +107,13 @@ def record_pool(record: Any) -> Optional[Pool]:
     """The pool a record belongs to (a name-mangled attribute)."""
     pool: Optional[Pool] = getattr(record, "_ConnectionRecord__pool", None)
     return pool
+
+
+def default_postgresql_driver() -> str:
+    """The driver of a bare ``postgresql://`` URL: psycopg2 up to SQLAlchemy 2.0, psycopg (3) from 2.1.
+
+    SQLAlchemy 1.4 has no dialect for psycopg 3 at all, so a URL naming it
+    cannot be handed to 1.4's engines.
+    """
+    driver: str = make_url("postgresql://").get_dialect().driver
+    return driver

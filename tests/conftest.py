@@ -44,7 +44,9 @@ from sqlalchemy.engine import make_url
 import sa_rollback
 from sa_rollback._state import STATE
 
-DRIVERS = ("psycopg2", "psycopg")
+from . import _compat
+
+DRIVERS = _compat.DRIVERS
 
 #: the run id, shared by every process of one run through the environment
 RUN_ENV = "SA_ROLLBACK_SELFTEST_RUN"
@@ -321,7 +323,7 @@ def url(driver: str) -> str:
 
 @pytest.fixture
 def engine(url: str) -> Iterator[sa.Engine]:
-    eng = sa.create_engine(url)
+    eng = _compat.create_engine(url)
     yield eng
     eng.dispose()
 

@@ -8,23 +8,14 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, scoped_session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 import sa_rollback
 from sa_rollback._state import STATE
 
+from ._compat import create_engine
+from ._models import Item
 from .conftest import driver_url
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    qty: Mapped[int] = mapped_column(default=0)
 
 
 def count(conn: sa.Connection | Session, name: str | None = None) -> int:
@@ -176,7 +167,7 @@ def test_aborted_transaction_from_before_fails_then_goes_on(engine: sa.Engine, o
 
 
 def test_scoped_session_kept_across_scopes(url: str, outside) -> None:
-    engine = sa.create_engine(url)
+    engine = create_engine(url)
     registry = scoped_session(sessionmaker(engine))
     registry.execute(sa.text("SELECT 1"))
     try:
@@ -270,7 +261,7 @@ def test_held_driver_connection_is_guarded(engine: sa.Engine, outside) -> None:
 def test_other_database_held_connection(driver: str, outside) -> None:
     from .conftest import DB_B
 
-    engine = sa.create_engine(driver_url(driver, DB_B))
+    engine = create_engine(driver_url(driver, DB_B))
     conn = engine.connect()
     conn.execute(sa.text("SELECT 1"))
     try:

@@ -17,20 +17,19 @@ ENABLE = 'pytest_plugins = ["sa_rollback"]\n'
 MODELS = """
 import os
 import sqlalchemy as sa
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session, declarative_base
 
-ENGINE = sa.create_engine(os.environ["INNER_URL"])
-
-
-class Base(DeclarativeBase):
-    pass
+# 2.0 style on every line: "future" mode on SQLAlchemy 1.4
+ENGINE = sa.create_engine(os.environ["INNER_URL"], **({"future": True} if sa.__version__ < "2" else {}))
+# Classic declarations, which SQLAlchemy 1.4 and 2.x read alike.
+Base = declarative_base()
 
 
 class Item(Base):
     __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str]
-    qty: Mapped[int] = mapped_column(default=0)
+    id = sa.Column(sa.Integer, primary_key=True)
+    name = sa.Column(sa.Text, nullable=False)
+    qty = sa.Column(sa.Integer, nullable=False, default=0)
 """
 
 

@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 
 import sa_rollback
 
+from ._compat import create_engine
 from .conftest import DB_A, DRIVERS, driver_url, libpq_dsn
 
 CONNECTIONS = 3
@@ -289,7 +290,7 @@ _counter = itertools.count()
 
 def engine_for(driver: str) -> sa.Engine:
     if driver not in _engines:
-        _engines[driver] = sa.create_engine(driver_url(driver))
+        _engines[driver] = create_engine(driver_url(driver))
     return _engines[driver]
 
 

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import sa_rollback
 from sa_rollback._state import STATE
 
+from ._compat import create_engine
 from .conftest import DB_A, DB_B, driver_url
 
 ITEMS = sa.table("items", sa.column("id"), sa.column("name"), sa.column("qty"))
@@ -38,7 +39,7 @@ def test_commit_visible_everywhere_then_gone(engine: sa.Engine, url: str, outsid
         with Session(engine) as session:
             add(session, "a")
             session.commit()
-        other = sa.create_engine(url)  # created inside the scope
+        other = create_engine(url)  # created inside the scope
         with other.connect() as conn:
             assert names(conn) == ["a"]
         with engine.begin() as conn:
@@ -297,7 +298,7 @@ def test_nested_loop_keeps_stack_short(engine: sa.Engine) -> None:
 
 
 def test_binds_to_two_databases_are_both_rolled_back(driver: str, engine: sa.Engine, outside) -> None:
-    other = sa.create_engine(driver_url(driver, DB_B))
+    other = create_engine(driver_url(driver, DB_B))
     with sa_rollback.rollback_scope():
         with engine.begin() as a, other.begin() as b:
             add(a, "in-a")

@@ -31,6 +31,7 @@ from sa_rollback._physical import Physical
 from sa_rollback._proxy import LogicalConnection
 from sa_rollback._state import STATE
 
+from ._compat import create_engine, needs_sqlalchemy_2
 from .conftest import DB_A, RUN_ID, WORKER, any_driver, libpq_dsn
 
 Outside = Callable[..., list[tuple[Any, ...]]]
@@ -167,6 +168,7 @@ def test_transaction_characteristics_do_not_leak_to_other_connections(engine: sa
 
 
 @pytest.mark.parametrize("driver", ["psycopg"])  # Connection.transaction() is psycopg 3's
+@needs_sqlalchemy_2("dialect for psycopg 3")
 def test_psycopg_transaction_blocks_act_on_the_logical_connection(driver: str, engine: sa.Engine) -> None:
     with sa_rollback.rollback_scope():
         with engine.begin() as other:
@@ -207,7 +209,7 @@ def test_psycopg2_reset_ends_only_the_logical_transaction(driver: str, engine: s
 
 
 def test_autocommit_engine(url: str, engine: sa.Engine) -> None:
-    auto_engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    auto_engine = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with sa_rollback.rollback_scope():
             with auto_engine.connect() as auto:
@@ -288,7 +290,7 @@ def test_engine_dispose_during_the_test(engine: sa.Engine) -> None:
 
 @pytest.mark.parametrize("poolclass", [NullPool, StaticPool])
 def test_nullpool_and_staticpool(url: str, poolclass: type, outside: Outside) -> None:
-    eng = sa.create_engine(url, poolclass=poolclass)
+    eng = create_engine(url, poolclass=poolclass)
     try:
         with sa_rollback.rollback_scope():
             first = eng.connect()
@@ -354,7 +356,7 @@ def test_driver_connection_read_is_reported(engine: sa.Engine) -> None:
 
 
 def test_driver_connection_restored_and_pre_ping(url: str) -> None:
-    eng = sa.create_engine(url, pool_pre_ping=True, pool_size=1)
+    eng = create_engine(url, pool_pre_ping=True, pool_size=1)
     try:
         with eng.connect() as conn:  # a pooled connection exists: the next checkout pings it
             conn.execute(sa.text("SELECT 1"))
@@ -544,6 +546,7 @@ def test_scope_end_cancels_a_stuck_statement(engine: sa.Engine) -> None:
 
 
 @pytest.mark.parametrize("driver", ["psycopg"])  # cursor.stream() is psycopg 3's
+@needs_sqlalchemy_2("dialect for psycopg 3")
 def test_stream_holds_the_connection_with_a_timeout(driver: str, engine: sa.Engine) -> None:
     """psycopg's cursor.stream() keeps the connection busy between rows: another thread's statement
     waits, and a main thread waiting for that thread inside the loop would hang without the timeout."""
@@ -573,6 +576,7 @@ def test_stream_holds_the_connection_with_a_timeout(driver: str, engine: sa.Engi
 
 
 @pytest.mark.parametrize("driver", ["psycopg"])  # cursor.stream() is psycopg 3's
+@needs_sqlalchemy_2("dialect for psycopg 3")
 def test_statement_inside_own_stream_is_refused(driver: str, engine: sa.Engine) -> None:
     with sa_rollback.rollback_scope():
         with engine.begin() as conn:
@@ -630,7 +634,7 @@ def test_backend_killed_mid_test(engine: sa.Engine, outside: Outside) -> None:
 def test_all_physicals_killed_like_a_restart(driver: str, engine: sa.Engine, outside: Outside) -> None:
     from .conftest import DB_B, driver_url
 
-    other = sa.create_engine(driver_url(driver, DB_B))
+    other = create_engine(driver_url(driver, DB_B))
     try:
         with pytest.raises(sa_rollback.ConnectionLostError):
             with sa_rollback.rollback_scope():

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 from sqlalchemy.engine import URL, make_url
 
+from .._sqla import default_postgresql_driver
 from ..errors import ConfigurationError
 
 #: SQLSTATEs the janitor reacts to
@@ -49,9 +50,9 @@ class AdminDriver:
 
 
 def _url_driver(url: URL) -> str:
-    """The driver an URL names, or "psycopg" (SQLAlchemy 2.1's default) when it names none we know."""
+    """The driver an URL names, or the installed SQLAlchemy's default when it names none we know."""
     _, _, suffix = url.drivername.partition("+")
-    return suffix if suffix in _PREFERENCE else "psycopg"
+    return suffix if suffix in _PREFERENCE else default_postgresql_driver()
 
 
 def admin_driver(url: URL, importer: Callable[[str], ModuleType] = importlib.import_module) -> AdminDriver:

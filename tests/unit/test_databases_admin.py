@@ -8,6 +8,7 @@ from types import ModuleType
 import pytest
 from sqlalchemy.engine import URL, make_url
 
+from sa_rollback._sqla import default_postgresql_driver
 from sa_rollback.databases import admin_driver, connect_params, safe_url
 from sa_rollback.errors import ConfigurationError
 
@@ -28,7 +29,8 @@ def installed(*names: str):  # type: ignore[no-untyped-def]
     [
         ("postgresql+psycopg2://h/db", ("psycopg", "psycopg2"), "psycopg2"),
         ("postgresql+psycopg://h/db", ("psycopg", "psycopg2"), "psycopg"),
-        ("postgresql://h/db", ("psycopg", "psycopg2"), "psycopg"),
+        # A bare URL: SQLAlchemy's own default (psycopg2 on 1.4 and 2.0, psycopg from 2.1)
+        ("postgresql://h/db", ("psycopg", "psycopg2"), default_postgresql_driver()),
         ("postgresql+psycopg2://h/db", ("psycopg2",), "psycopg2"),
         ("postgresql://h/db", ("psycopg2",), "psycopg2"),
         ("postgresql+psycopg://h/db", ("psycopg2",), "psycopg2"),
@@ -50,7 +52,7 @@ def test_the_urls_driver_is_preferred_and_any_installed_one_serves(
     [
         ("postgresql+psycopg2://h/db", "psycopg2"),
         ("postgresql+psycopg://h/db", "psycopg"),
-        ("postgresql://h/db", "psycopg"),
+        ("postgresql://h/db", default_postgresql_driver()),
     ],
 )
 def test_no_driver_at_all_is_a_missing_driver_naming_the_extra(url: str, extra: str) -> None:

@@ -1,0 +1,191 @@
+"""Each function of ``sa_rollback._sqla`` against the installed SQLAlchemy line.
+
+``_sqla`` holds every use of SQLAlchemy's private pool internals and every
+difference between the supported lines; CI runs this file on 1.4, 2.0 and 2.1.
+Real engines on the suite's database, real pool events; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+import sa_rollback
+from sa_rollback import _sqla
+from sa_rollback._proxy import LogicalConnection
+from sa_rollback._state import STATE
+
+from ._compat import SA14, SA_LINE, create_engine
+from .conftest import driver_url
+
+
+def test_the_installed_line_is_supported() -> None:
+    assert _sqla.version_problem(sa.__version__) is None
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [
+        ("1.3.24", False),
+        ("1.4.53", False),
+        ("1.4.54", True),
+        ("2.0.0", False),
+        ("2.0.29", False),
+        ("2.0.30", True),
+        ("2.1.0b1", True),
+        ("2.1.9", True),
+        ("2.2.0", False),
+    ],
+)
+def test_versions_outside_the_tested_ones_are_refused_with_the_fix(version: str, supported: bool) -> None:
+    problem = _sqla.version_problem(version)
+    assert (problem is None) is supported
+    if problem is not None:
+        assert f"SQLAlchemy {version}" in problem
+        assert "pip install 'SQLAlchemy>=1.4.54,<1.5'" in problem
+
+
+def test_fairy_pool_dialect_record_and_held_connection(engine: sa.Engine) -> None:
+    fairy = engine.raw_connection()
+    try:
+        assert type(fairy) is _sqla.Fairy
+        assert _sqla.pool_of(fairy) is engine.pool
+        assert _sqla.dialect_of(engine.pool) is engine.dialect
+        record = _sqla.record_of(fairy)
+        assert record is not None
+        held = _sqla.held_connection(fairy)
+        assert held is record.dbapi_connection
+        assert type(held).__module__.startswith(engine.dialect.driver)  # the driver's own connection
+        assert _sqla.record_pool(record) is engine.pool
+    finally:
+        fairy.close()
+    assert _sqla.held_connection(fairy) is None  # checked in
+    assert _sqla.record_of(fairy) is None
+
+
+def test_record_of_a_detached_checkout_is_none(engine: sa.Engine) -> None:
+    fairy = engine.raw_connection()
+    fairy.detach()
+    assert _sqla.record_of(fairy) is None
+    assert _sqla.held_connection(fairy) is not None  # still usable, outside the pool
+    fairy.close()
+
+
+class Recorder:
+    """A stand-in that records what SQLAlchemy asks of the DBAPI connection, and delegates it."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls: list[str] = []
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls.append("cursor")
+        return self.real.cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        self.calls.append("commit")
+        self.real.commit()
+
+    def rollback(self) -> None:
+        self.calls.append("rollback")
+        self.real.rollback()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_stand_in_takes_effect_for_a_connection_already_open(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        fairy = conn.connection
+        real = _sqla.held_connection(fairy)
+        recorder = Recorder(real)
+        _sqla.stand_in(fairy, recorder)
+        try:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            conn.commit()
+        finally:
+            _sqla.stand_in(fairy, real)
+    assert recorder.calls[:1] == ["cursor"]
+    assert "commit" in recorder.calls
+
+
+def test_private_record_connects_like_the_pool_but_stays_out_of_it(engine: sa.Engine) -> None:
+    connects: list[Any] = []
+    event.listen(engine, "connect", lambda dbapi_connection, record: connects.append(record))
+    with engine.connect() as conn:  # the pool's own connection
+        conn.execute(sa.text("SELECT 1"))
+    idle_before = engine.pool.checkedin()
+    record = _sqla.private_record(engine.pool)
+    try:
+        assert len(connects) == 2 and connects[-1] is record  # the application's connect hooks ran
+        assert _sqla.record_pool(record) is engine.pool
+        assert engine.pool.checkedin() == idle_before  # never enters the pool's queue
+        with engine.connect() as conn:
+            fairy = conn.connection
+            assert _sqla.held_connection(fairy) is not record.dbapi_connection
+        cursor = record.dbapi_connection.cursor()
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
+        record.dbapi_connection.rollback()
+    finally:
+        record.close()
+
+
+def test_reset_connection_is_the_dbapi_connection_on_this_line(engine: sa.Engine) -> None:
+    seen: list[tuple[type, Any]] = []
+
+    def on_reset(dbapi_connection: Any, record: Any, reset_state: Any = None) -> None:
+        # Read at the event: 1.4's proxy lets go of its connection once checked in.
+        seen.append((type(dbapi_connection), _sqla.reset_connection(dbapi_connection)))
+
+    event.listen(engine.pool, "reset", on_reset)
+    fairy = engine.raw_connection()
+    held = _sqla.held_connection(fairy)
+    fairy.close()
+    assert len(seen) == 1
+    passed, connection = seen[0]
+    assert connection is held
+    # 1.4 passes the checkout proxy, 2.x the driver's connection; both come out the same.
+    assert (passed is _sqla.Fairy) is SA14
+
+
+def test_check_ins_inside_a_scope_reuse_one_connection_and_restore_it(
+    engine: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reset listener gets its argument on this line: no error logged, no reconnect per check-in."""
+    connects: list[Any] = []
+    event.listen(engine, "connect", lambda dbapi_connection, record: connects.append(record))
+    caplog.set_level(logging.ERROR, logger="sqlalchemy.pool")
+    physicals_before = {id(phys) for phys in STATE.physicals.values()}
+    with sa_rollback.rollback_scope():
+        for _ in range(20):
+            with engine.begin() as conn:
+                conn.execute(sa.text("INSERT INTO items (name) VALUES ('x') ON CONFLICT DO NOTHING"))
+            raw = engine.raw_connection()
+            assert isinstance(_sqla.held_connection(raw), LogicalConnection)
+            raw.close()
+    made = len({id(phys) for phys in STATE.physicals.values()} - physicals_before)
+    # One for the pool, and one for the shared physical connection when no
+    # earlier test made it (a record of this pool too). A failing reset would
+    # discard the pool's connection at each check-in: 20 more.
+    assert len(connects) == 1 + made
+    assert engine.pool.checkedout() == 0
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
+    with engine.connect() as conn:  # the pool's connection is its own again, no longer kept read-only
+        assert conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "off"
+    assert len(connects) == 1 + made
+
+
+def test_default_postgresql_driver_is_what_a_bare_url_gets(driver: str) -> None:
+    url = make_url(driver_url(driver)).set(drivername="postgresql")
+    engine = create_engine(url)
+    try:
+        assert engine.dialect.driver == _sqla.default_postgresql_driver()
+    finally:
+        engine.dispose()
+    assert _sqla.default_postgresql_driver() == ("psycopg" if SA_LINE >= (2, 1) else "psycopg2")
