@@ -76,7 +76,7 @@ def test_every_test_costs_the_same_round_trips(driver: str, engine: sa.Engine, t
         with engine.connect() as conn:
             logical = conn.connection.dbapi_connection
             assert isinstance(logical, LogicalConnection)
-            pgconn = logical._phys.conn.pgconn
+            pgconn = logical.phys.conn.pgconn
     trace = tmp_path / "trace"
     fd = os.open(trace, os.O_WRONLY | os.O_CREAT, 0o600)
     pgconn.trace(fd)
