@@ -101,7 +101,9 @@ def test_generated(db_session, n):
 def run_once(project: Path, url: str, isolated: bool) -> dict[str, Any]:
     out = project / "result.json"
     env = dict(os.environ, OVERHEAD_OUT=str(out))
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--sa-url", url]
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if url != "embedded":
+        args += ["--sa-url", url]
     args += ["--sa-schema", "sql:schema.sql", "--sa-rollback", "on" if isolated else "off"]
     done = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
@@ -117,7 +119,8 @@ def main() -> None:
     parser.add_argument(
         "--url",
         default=os.environ.get("SA_ROLLBACK_TEST_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="A PostgreSQL server where this role may create databases (its database is not touched)",
+        help="A PostgreSQL server where this role may create databases (its database is not touched), "
+        "or 'embedded' for sa_rollback's embedded server (the [server] extra), whose COMMIT waits for fsync",
     )
     options = parser.parse_args()
     import sqlalchemy
