@@ -125,7 +125,7 @@ def test_a_marker_word_means_what_it_says(pytester: pytest.Pytester, outside, ar
         (
             "enable=False",
             "*sa_rollback(enable=False): got an unexpected keyword argument 'enable'. "
-            "Its arguments are: enabled=True, real_commits=False.*",
+            "Its arguments are: enabled=True, real_commits=False, reset_sequences=None.*",
         ),
         ('enabled="maybe"', "*sa_rollback(enabled='maybe'): enabled is 'maybe'; it takes True or False*"),
         ("real_commits=None", "*real_commits is None; it takes True or False*"),
@@ -150,10 +150,10 @@ def test_help_shows_switches_as_on_off_and_every_default(pytester: pytest.Pytest
     for section in (flags, inis):
         assert "default: True" not in section and "default: False" not in section
         assert section.count("(default: on)") == 2  # --sa-rollback, --sa-check-deferred
-        assert section.count("(default: off)") == 1  # --sa-rebuild
+        assert section.count("(default: off)") == 2  # --sa-rebuild, --sa-reset-sequences
         assert "(default: 30)" in section
         assert ".cac he/sa_rollback)" in section or ".cache/sa_rollback)" in section  # the server directory
-    for key in ("sa_rollback", "sa_rollback_rebuild", "sa_rollback_check_deferred"):
+    for key in ("sa_rollback", "sa_rollback_rebuild", "sa_rollback_check_deferred", "sa_rollback_reset_sequences"):
         assert f" {key} (bool):" in inis
     assert "--sa-rollback=on|off" in flags
 
