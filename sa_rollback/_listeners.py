@@ -38,7 +38,7 @@ from sqlalchemy.pool import Pool
 from ._adoption import Registry, note_checkout, note_existing
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
-from ._sqla import dialect_of, pool_of, reset_connection, stand_in
+from ._sqla import pool_of, reset_connection, stand_in
 
 _lock = threading.Lock()
 #: the process-wide state, once installed
@@ -52,13 +52,6 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
         note_checkout(connection_proxy, connection_record)
         return
     pool = pool_of(connection_proxy)
-    dialect = dialect_of(pool)
-    if dialect.is_async:
-        state.warn_once(
-            ("async", dialect.name),
-            "sa_rollback does not isolate async engines yet; their writes are real and outlive the test.",
-        )
-        return
     info = connection_record.info
     phys = state.physical_for(dbapi_connection, pool, info)
     if phys is None:
