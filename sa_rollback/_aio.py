@@ -125,9 +125,10 @@ class TaskLock:
 
     def holder(self) -> str:
         """Who holds the lock and who waits for it, for the timeout message."""
-        waiting = ", ".join(_name(owner) for owner, _ in self.waiters)
+        me = _owner()
+        waiting = [_name(me)] + [_name(owner) for owner, _ in self.waiters if owner is not me]
         held = _name(self.owner) if self.owner is not None else "nobody"
-        return f"{held} (waiting: {waiting or 'none'})"
+        return f"{held} (waiting: {', '.join(waiting)})"
 
 
 def run(loop: asyncio.AbstractEventLoop, awaitable: Any, what: str) -> Any:
