@@ -123,7 +123,9 @@ class RollbackScope:
                     ("split", key, okey),
                     f"Connections to {key.describe()} and {okey.describe()} use different drivers "
                     "or roles, so they get separate transactions: neither sees what the other wrote "
-                    "in a test, and they can block on each other's row locks.",
+                    "in a test, and they can block on each other's row locks. Use one engine for both: "
+                    "sync helpers of an async app can run on the async engine's connection through "
+                    "'await session.run_sync(fn)' or 'await connection.run_sync(fn)'.",
                 )
         self._physicals.append(phys)
 
