@@ -12,6 +12,7 @@ makes get it as their :class:`~._physical.ScopeSource`.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -155,7 +156,9 @@ class State:
         # A record of the application's own pool gives a connection set up
         # exactly like the application's (dialect on_connect hooks, user
         # "connect" listeners), yet it never enters that pool's queue.
-        self.connecting_lock_timeout = max(1, int(self.lock_timeout * 1000))
+        # PostgreSQL's limit is INT_MAX ms; beyond it, waiting forever is what was asked.
+        if math.isfinite(self.lock_timeout) and self.lock_timeout * 1000 < 2**31 - 1:
+            self.connecting_lock_timeout = max(1, int(self.lock_timeout * 1000))
         try:
             record = private_record(pool)
         finally:
