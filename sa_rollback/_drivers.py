@@ -48,6 +48,8 @@ class Driver:
 
     #: its connections belong to one event loop: one shared connection per (database, loop)
     per_loop = False
+    #: an async adapter whose checkouts run on a sync shared connection (psycopg async)
+    async_facing = False
 
     def new_lock(self) -> Any:
         """The lock of a shared connection: one thread at a time (async drivers: one task)."""
@@ -60,6 +62,10 @@ class Driver:
     def restart(self, conn: Any) -> None:
         """Roll the whole transaction back and go on in a new one (the frame stays open)."""
         conn.rollback()
+
+    def physical_side(self, conn: Any, record: Any) -> tuple[Any, Any, Driver]:
+        """The connection, record and driver a shared connection uses, made from a pool record's connection."""
+        return conn, record, self
 
     def note_failure(self, conn: Any) -> None:
         """A statement on ``conn`` failed (for drivers that do not report an aborted transaction)."""

@@ -272,6 +272,40 @@ def test_sync_and_async_in_one_test_are_separate_and_say_so(pytester: pytest.Pyt
     assert outside("SELECT count(*) FROM items") == [(0,)]
 
 
+def test_psycopg_sync_and_async_share_one_transaction(pytester: pytest.Pytester, outside, driver: str) -> None:
+    if driver != "psycopg_async":
+        pytest.skip("only psycopg can put a sync and an async connection on one backend")
+    pytester.makeconftest(ENABLE)
+    _ini(pytester)
+    pytester.makepyfile(
+        helpers=HELPERS,
+        test_shared="""
+        import os
+        import pytest
+        import sqlalchemy as sa
+        from helpers import add, names
+
+        SYNC = sa.create_engine(os.environ["SYNC_URL"].replace("psycopg2", "psycopg"))
+
+        def sync_names():
+            with SYNC.connect() as conn:
+                return list(conn.execute(sa.text("SELECT name FROM items ORDER BY name")).scalars())
+
+        @pytest.mark.asyncio
+        @pytest.mark.parametrize("n", range(2))
+        async def test_factory_then_app(n):
+            with SYNC.begin() as conn:  # a sync factory
+                conn.execute(sa.text("INSERT INTO items (name) VALUES ('made-by-factory')"))
+            assert await names() == ["made-by-factory"]  # the async app sees it
+            await add("made-by-app")
+            assert sync_names() == ["made-by-app", "made-by-factory"]
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error::sa_rollback.SaRollbackWarning")
+    result.assert_outcomes(passed=2)
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
 def test_under_xdist(pytester: pytest.Pytester, outside) -> None:
     pytester.makeconftest(ENABLE)
     _ini(pytester)
