@@ -8,6 +8,7 @@ traverse it (``PANIC: could not open file ".../pg_control"``).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -70,3 +71,20 @@ def stop_server(path: Path) -> None:
         except OSError:
             pass
     wait_until_stopped(path, 10)
+    wait_for_watchdog(path, 10)
+
+
+def wait_for_watchdog(path: Path, timeout: float) -> bool:
+    """Wait until no watchdog holds the directory's watchdog lock (it is about to remove nothing more)."""
+    lock = path / "watchdog.lock"
+    if not lock.exists():
+        return True
+    deadline = time.monotonic() + timeout
+    with open(lock, "rb") as handle:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                time.sleep(0.05)
+    return False

