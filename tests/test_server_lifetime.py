@@ -79,7 +79,7 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, directory:
 
 
 def start(inner: pytest.Pytester, *args: str) -> subprocess.Popen[bytes]:
-    log = open(inner.path / f"run-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 (the child writes it)
+    log = open(inner.path / f"run-{time.monotonic_ns()}.log", "wb")
     return inner.popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_hold.py", *args], stdout=log, stderr=log
     )
