@@ -25,6 +25,7 @@ from sa_rollback import SaRollbackWarning
 from sa_rollback.databases import Janitor, Mark, drop_dead_clones
 from sa_rollback.databases._lease import Lease
 from sa_rollback.databases._provision import prune_templates
+from sa_rollback.errors import DatabaseSetupError
 
 from .conftest import ADMIN_URL, libpq_dsn
 
@@ -284,3 +285,21 @@ def test_three_shards_with_two_workers_each_share_one_server_safely(pytester: py
     assert made_from(base) == {}  # the killed shard's clones, dropped by a run on another "host"
     assert after.output.count("sa_rollback: built template") == 0
     print(f"three concurrent shards: {concurrent:.1f} s")
+
+
+def test_no_connection_left_is_told_apart_with_the_arithmetic() -> None:
+    # SQLSTATE 53300, from a role's CONNECTION LIMIT: the same message family as max_connections.
+    role = f"sa_rollback_selftest_{RUN}_limited"
+    with admin() as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 1").format(sql.Identifier(role)))
+    url = make_url(ADMIN_URL).set(username=role)
+    try:
+        with Janitor(url), pytest.raises(DatabaseSetupError) as caught, Janitor(url):
+            pass
+        text = str(caught.value)
+        assert f"no connection left for user {role}" in text and "too many connections" in text
+        assert "shards x (workers x databases + 1)" in text and "max_connections" in text
+        assert "unreachable" not in text and "Start the server" not in text
+    finally:
+        with admin() as conn:
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
