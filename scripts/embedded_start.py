@@ -49,6 +49,7 @@ def main() -> None:
     warm: list[float] = []
     for rep in range(reps):
         root = Path(tempfile.mkdtemp(prefix="sa_rollback_start_"))
+        root.chmod(0o755)  # as root, the server runs as an unprivileged user who must enter it
         try:
             cold.append(sample(root))
             warm.append(sample(root))

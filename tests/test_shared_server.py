@@ -274,6 +274,12 @@ def test_three_shards_with_two_workers_each_share_one_server_safely(pytester: py
     killed = project.start("killed", "-k", "hold", host="host-k")
     project.wait_ready("cancelled")
     project.wait_ready("killed")
+    with admin() as conn:
+        leases = conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name LIKE 'sa_rollback lease %'"
+        ).fetchall()
+    runs = {row[0] for row in leases}
+    assert len(leases) >= 2 and all(sum(1 for row in leases if row[0] == run) == 1 for run in runs)  # one a run
     killed.kill_group()
     cancelled.proc.send_signal(signal.SIGTERM)
     assert cancelled.proc.wait(timeout=60) == 2, cancelled.output
