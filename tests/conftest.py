@@ -102,9 +102,8 @@ def _find_server() -> str:
         pass
     from pathlib import Path
 
-    from sa_rollback.databases import embedded_server
-
     from sa_rollback._settings import OPTIONS
+    from sa_rollback.databases import embedded_server
 
     # Beside the plugin's default directory (as root under /var/tmp: the server's user must traverse it).
     default = next(option.default for option in OPTIONS if option.field == "server_dir")

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import IO, Optional
 
 from ..errors import DatabaseSetupError
+from . import _watchdog
 from ._embedded_user import ServerUser, server_user
+from ._watchdog import flock, try_flock, unlock
 
 #: length limit of a unix socket path (sun_path, with its final NUL)
 _SOCKET_PATH_MAX = 107
@@ -71,30 +73,6 @@ def socket_dir(pgdata: Path) -> Path:
         return pgdata
     digest = hashlib.sha256(os.fsencode(pgdata)).hexdigest()[:12]
     return Path("/tmp") / f"sar-{digest}"
-
-
-def _flock(path: Path, mode: int) -> int:
-    # os.open's descriptors are not inherited by child processes: the server never holds a client's lock.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def try_flock(path: Path, mode: int) -> Optional[int]:
-    """The descriptor holding the lock, or None when someone else holds it."""
-    try:
-        return _flock(path, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return None
-
-
-def unlock(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
 
 
 class EmbeddedCluster:
@@ -140,15 +118,7 @@ class EmbeddedCluster:
 
     def running(self) -> bool:
         """Whether the data directory's postmaster is alive (its ``postmaster.pid`` names a live process)."""
-        pid = self.postmaster_pid()
-        return pid is not None and pid_alive(pid)
-
-    def postmaster_pid(self) -> Optional[int]:
-        try:
-            first = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0]
-            return int(first)
-        except (OSError, ValueError):
-            return None
+        return _watchdog.postmaster_alive(self.pgdata)
 
     def _init(self) -> None:
         self.user.own(self.pgdata)
@@ -189,10 +159,10 @@ class EmbeddedCluster:
         with self._mutex:
             if self._client_fd is not None:
                 return str(self.socket_dir)
-            state = _flock(self.state_lock, fcntl.LOCK_EX)
+            state = flock(self.state_lock, fcntl.LOCK_EX)
             try:
                 # Shared: any number of clients. Taken first, so a watchdog woken now sees this one.
-                self._client_fd = _flock(self.clients_lock, fcntl.LOCK_SH)
+                self._client_fd = flock(self.clients_lock, fcntl.LOCK_SH)
                 try:
                     self._init()
                     if not self.running():
@@ -213,7 +183,7 @@ class EmbeddedCluster:
         with self._mutex:
             if self._client_fd is None:
                 return
-            state = _flock(self.state_lock, fcntl.LOCK_EX)
+            state = flock(self.state_lock, fcntl.LOCK_EX)
             try:
                 unlock(self._client_fd)
                 self._client_fd = None
@@ -227,6 +197,13 @@ class EmbeddedCluster:
                 unlock(state)
             atexit.unregister(self.leave)
 
+    def _stop_command(self) -> list[str]:
+        """What the watchdog needs to stop the server: ``pg_ctl``, and the user to run it as."""
+        command = [str(self.bin / "pg_ctl")]
+        if self.user.uid is not None:
+            command += [str(self.user.uid), str(self.user.gid)]
+        return command
+
     def _ensure_watchdog(self) -> None:
         """Start the watchdog unless one is running; called with the state lock held."""
         held = try_flock(self.watchdog_lock, fcntl.LOCK_EX)
@@ -238,12 +215,11 @@ class EmbeddedCluster:
                 # The watchdog inherits the lock itself (the same open file), so no second one can start
                 # between this spawn and its taking the lock.
                 subprocess.Popen(
-                    [sys.executable, "-m", "sa_rollback.databases._watchdog", str(self.dir), str(held)],
+                    [sys.executable, "-I", _watchdog.__file__, str(self.dir), str(held), *self._stop_command()],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     pass_fds=(held,),
-                    env=_watchdog_env(),
                     start_new_session=True,
                     cwd=self.dir,
                 )
@@ -251,15 +227,6 @@ class EmbeddedCluster:
                 log.close()
         finally:
             os.close(held)  # the lock stays with the watchdog's copy of the descriptor
-
-
-def _watchdog_env() -> dict[str, str]:
-    """This environment, with the directory sa_rollback is imported from first on the path: the
-    watchdog runs in the server directory, where a checkout that is not installed is not found."""
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def prune_wheel_pids(pgdata: Path) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 
 from ._embedded import pid_alive
 from ._janitor import Janitor, not_ours
-from ._lease import hold, let_go, owner_gone
+from ._lease import hold, let_go, owner_gone, release_all
 from ._listeners import REDIRECT
 from ._names import HOSTNAME, Mark, clone_name, extra_name, template_name
 from ._schema import SchemaSource, existing, schema_source
@@ -264,11 +264,20 @@ def provision(plan: Plan, run_id: str, worker: str, notice: Optional[Callable[[s
 
 
 def teardown(provisioned: Provisioned) -> None:
-    """Drop this process's clone (the server keeps running until the last process exits)."""
+    """Drop this process's clone, let go of the run's lease, and leave the embedded server.
+
+    The embedded server stops here if this process was its last: an xdist
+    worker may be ended without running ``atexit``, and the server would then
+    be left to the watchdog.
+    """
     REDIRECT.clear()
-    owned = provisioned.owned()
-    if not owned:
-        return
-    with Janitor(provisioned.server.admin_url) as janitor:
-        for name in owned:
-            janitor.drop(name)
+    try:
+        owned = provisioned.owned()
+        if owned:
+            with Janitor(provisioned.server.admin_url) as janitor:
+                for name in owned:
+                    janitor.drop(name)
+    finally:
+        release_all()
+        if provisioned.server.embedded is not None:
+            provisioned.server.embedded.leave()
