@@ -225,3 +225,39 @@ def test_as_root_binaries_the_server_user_cannot_reach_are_linked_into_the_direc
         embedded.leave()
     assert stat.S_IMODE(hidden.stat().st_mode) == 0o700
     assert server_processes(server_home) == []
+
+
+def test_a_sigterm_handler_of_the_users_own_is_left_in_charge(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import os
+        import signal
+
+        pytest_plugins = ["sa_rollback"]
+
+
+        def _mine(signum, frame):
+            open("handled", "w").close()
+            os._exit(7)
+
+
+        signal.signal(signal.SIGTERM, _mine)
+        """
+    )
+    pytester.makepyfile(
+        test_wait="""
+        import time
+
+        def test_wait():
+            open("ready", "w").close()
+            time.sleep(60)
+        """
+    )
+    proc = pytester.popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist"])
+    deadline = time.monotonic() + 60
+    while not (pytester.path / "ready").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7
+    assert (pytester.path / "handled").exists()

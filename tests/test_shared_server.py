@@ -126,7 +126,7 @@ def test_a_role_with_createdb_only_runs_shards_and_recovers_a_killed_ones_clones
         killed.kill_group()
         left = set(made_from(base))
         assert len(left) == 2 and all(mark.host == "host-a" for mark in made_from(base).values())
-        result = project.run("next", "-k", "group_a", host="host-b")
+        result = project.run("next", "-k", "group_a", "-n", "0", host="host-b")
         assert result.returncode == 0, result.output
         assert made_from(base) == {}
         assert made_from(base, "template")  # kept for the next run
@@ -286,7 +286,7 @@ def test_three_shards_with_two_workers_each_share_one_server_safely(pytester: py
     left = made_from(base)
     assert {mark.host for mark in left.values()} == {"host-k"} and len(left) == 2, left  # the cancelled run's are gone
 
-    after = project.run("after", "-k", "group_a", host="host-z")
+    after = project.run("after", "-k", "group_a", "-n", "0", host="host-z")
     assert after.returncode == 0, after.output
     assert made_from(base) == {}  # the killed shard's clones, dropped by a run on another "host"
     assert after.output.count("sa_rollback: built template") == 0

@@ -36,10 +36,11 @@ from typing import IO, Optional
 from ..errors import DatabaseSetupError
 from . import _watchdog
 from ._embedded_user import ServerUser, server_user
+from ._names import pid_alive
 from ._watchdog import flock, try_flock, unlock
 
-#: length limit of a unix socket path (sun_path, with its final NUL)
-_SOCKET_PATH_MAX = 107
+#: length limit of a unix socket path (sun_path with its final NUL: 108 bytes on Linux, 104 on macOS)
+_SOCKET_PATH_MAX = 103
 _SOCKET = ".s.PGSQL.5432"
 
 
@@ -240,17 +241,6 @@ def prune_wheel_pids(pgdata: Path) -> None:
     alive = [pid for pid in pids if isinstance(pid, int) and pid_alive(pid)]
     if alive != pids:
         path.write_text(json.dumps(alive))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this PID namespace has that pid."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _CLUSTERS: dict[Path, EmbeddedCluster] = {}

@@ -153,6 +153,17 @@ class Mark:
         return name.startswith(base + infix)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this PID namespace has that pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def lease_key(run: str) -> int:
     """The advisory lock key of a run's lease: a signed 64-bit number taken from its id."""
     return int.from_bytes(hashlib.sha256(f"sa_rollback run {run}".encode()).digest()[:8], "big", signed=True)

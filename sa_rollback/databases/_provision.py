@@ -16,11 +16,10 @@ from typing import Callable, Optional
 
 from sqlalchemy.engine import URL, make_url
 
-from ._embedded import pid_alive
 from ._janitor import Janitor, not_ours
 from ._lease import hold, let_go, owner_gone, release_all
 from ._listeners import REDIRECT
-from ._names import HOSTNAME, Mark, clone_name, extra_name, template_name
+from ._names import HOSTNAME, Mark, clone_name, extra_name, pid_alive, template_name
 from ._schema import SchemaSource, existing, schema_source
 from ._server import Server, resolve_server
 

