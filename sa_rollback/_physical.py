@@ -72,11 +72,12 @@ class Physical:
 
     def __init__(self, key: DatabaseKey, driver: Driver, conn: Any, record: Any, scopes: ScopeSource) -> None:
         self.key = key
+        self.slot: Any = key  # where the state keeps it: key, or (key, event loop) for async drivers
         self.driver = driver
         self.conn = conn
         self._record = record
         self.scopes = scopes
-        self.lock = SharedLock(f"the connection to {key.describe()}", scopes.report)
+        self.lock = SharedLock(f"the connection to {key.describe()}", scopes.report, driver.new_lock())
         self.stack = SavepointStack()
         self.frames: list[Frame] = []
         #: number of the latest write
@@ -188,7 +189,7 @@ class Physical:
 
     def _rollback_all(self) -> None:
         self._check_driver_free()
-        self.conn.rollback()
+        self.driver.restart(self.conn)
 
     # -- frames ---------------------------------------------------------------
 
@@ -241,7 +242,7 @@ class Physical:
         else:
             if self.driver.status(self.conn) != IDLE:
                 # Left over from a scope whose rollback failed half way.
-                self.conn.rollback()
+                self.driver.rollback(self.conn)
             if reset:
                 self._check_driver_free()
                 reset_sql = snapshot(self.driver.name, self.conn, begin=True)
@@ -381,7 +382,7 @@ class Physical:
             self.stack.clear()
             if self.driver.closed(self.conn):
                 raise
-            self.conn.rollback()
+            self.driver.rollback(self.conn)
             self.execute(after)
             if check:
                 raise self._deferred_error(frame, exc) from exc
@@ -474,7 +475,7 @@ class Physical:
         try:
             # psycopg2 still believes it is in a transaction and would run the
             # next statements in autocommit mode; a rollback resets that.
-            self.conn.rollback()
+            self.driver.rollback(self.conn)
         except Exception as exc:
             self.mark_lost(exc)
         frames = self.frames
