@@ -240,7 +240,9 @@ def test_a_clone_that_waits_for_sessions_on_its_template_says_who_they_are(inner
             while (
                 time.monotonic() < deadline
                 and not watcher.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'CREATE DATABASE%%' AND pid <> pg_backend_pid()"
+                    # This clone's statement only: other runs on the shared server create databases too.
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                    (f"CREATE DATABASE%TEMPLATE%{BASE}%",),
                 ).fetchone()
             ):
                 time.sleep(0.05)
