@@ -31,7 +31,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Optional
 
-from ._drivers import IDLE, INERROR, INTRANS, DatabaseKey, Driver
+from ._drivers import IDLE, INERROR, INTRANS, DatabaseKey, Driver, forget_psycopg_prepared
 from ._sqla import await_, in_greenlet
 from .errors import ConfigurationError
 
@@ -224,11 +224,12 @@ class AsyncDriver(Driver):
         self.execute(conn, "ROLLBACK; BEGIN")
 
     def rollback_outer(self, conn: Any, check_deferred: bool) -> None:
+        forget = self.forget_prepared(conn)
         if not check_deferred:
-            self.execute(conn, "ROLLBACK")
+            self.execute(conn, forget + "ROLLBACK")
             return
         try:
-            self.execute(conn, "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+            self.execute(conn, forget + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
         except BaseException:
             if not self.closed(conn):
                 self.execute(conn, "ROLLBACK")
@@ -316,6 +317,15 @@ class PsycopgAsyncDriver(AsyncDriver):
 
     def status(self, conn: Any) -> int:
         return int(self.raw(conn).pgconn.transaction_status)
+
+    def _execute(self, conn: Any, sql: str) -> None:
+        # prepare=False, as for sync psycopg: psycopg would prepare the BEGIN it has seen five times.
+        run(self.loop_of(conn), self.raw(conn).execute(sql, prepare=False), "run its statements")
+
+    def forget_prepared(self, conn: Any) -> str:
+        # As for sync psycopg: without it, psycopg answers the textual ROLLBACK with a DEALLOCATE
+        # ALL of its own, one more round trip every sixth test.
+        return forget_psycopg_prepared(self.raw(conn))
 
     @staticmethod
     def closed(conn: Any) -> bool:
