@@ -203,6 +203,7 @@ def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
     out = tmp_path / "cmp.json"
     script = REPO / "benchmarks" / "compare_revs.py"
     options = ["--url", ADMIN_URL, "--tag", "smokecmp", "--rounds", "2", "--tests", "2", "--count", "6"]
+    options += ["--pytest-nodb", "1"]
     proc = subprocess.run(
         [sys.executable, str(script), str(REPO), str(REPO), *options, "--json", str(out)],
         cwd=tmp_path,
@@ -219,6 +220,9 @@ def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
         # The same code on both sides sends the same statements.
         assert entry["round_trips"]["a"]["per_test"] == entry["round_trips"]["b"]["per_test"]
         assert len(entry["round_trips"]["a"]["per_test"]) == 6 and entry["round_trips"]["a"]["min"] > 0
+    # The pytest-level comparison ran a suite of tests that touch no database on each side.
+    assert result["pytest_nodb"]["pairs"] == 1 and result["pytest_nodb"]["b_minus_a_us"]["n"] == 1
+    assert "pytest, 2000 tests that touch no database" in proc.stdout
     with psycopg.connect(libpq_dsn(make_url(ADMIN_URL).database or "postgres"), autocommit=True) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s", ("sa\\_rollback\\_bench\\_smokecmp\\_%",)
