@@ -33,6 +33,7 @@ import weakref
 from typing import Any, Optional
 
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from ._adoption import Registry, note_checkout, note_existing
@@ -110,6 +111,24 @@ def _on_detach(dbapi_connection: Any, connection_record: Any) -> None:
         guard.detached = True
 
 
+def _on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    # Only while the state makes a shared connection (rare: nothing on the checkout path).
+    assert _state is not None
+    millis = _state.connecting_lock_timeout
+    if millis is None:
+        return
+    # A statement that waits for a row lock held by another transaction of the test (a sync
+    # and an async engine on one database) would wait forever, and with it the event loop.
+    if dialect.driver == "asyncpg":
+        settings = dict(cparams.get("server_settings") or {})
+        settings.setdefault("lock_timeout", str(millis))
+        cparams["server_settings"] = settings
+    else:
+        options = str(cparams.get("options") or "")
+        if "lock_timeout" not in options:
+            cparams["options"] = f"{options} -c lock_timeout={millis}".strip()
+
+
 def install(state: Registry) -> None:
     """Register the listeners, acting on ``state`` (idempotent). Opening a scope calls this."""
     global _state
@@ -123,6 +142,7 @@ def install(state: Registry) -> None:
         event.listen(Pool, "reset", _on_reset)
         event.listen(Pool, "invalidate", _on_invalidate)
         event.listen(Pool, "detach", _on_detach)
+        event.listen(Engine, "do_connect", _on_do_connect)
         # Connections the application checked out before this point (while
         # a conftest was imported, say) never pass the checkout listener.
         note_existing()

@@ -12,6 +12,7 @@ makes get it as their :class:`~._physical.ScopeSource`.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ class State:
         self._lock = threading.Lock()
         self._numbers = 0
         self._warned: set[Any] = set()
+        #: while a shared connection is being made: its PostgreSQL lock_timeout, in ms
+        self.connecting_lock_timeout: Optional[int] = None
         #: async shared connections being made: slot -> done when made (or failed)
         self._connecting: dict[Any, asyncio.Future[None]] = {}
 
@@ -153,7 +156,13 @@ class State:
         # A record of the application's own pool gives a connection set up
         # exactly like the application's (dialect on_connect hooks, user
         # "connect" listeners), yet it never enters that pool's queue.
-        record = private_record(pool)
+        # PostgreSQL's limit is INT_MAX ms; beyond it, waiting forever is what was asked.
+        if math.isfinite(self.lock_timeout) and self.lock_timeout * 1000 < 2**31 - 1:
+            self.connecting_lock_timeout = max(1, int(self.lock_timeout * 1000))
+        try:
+            record = private_record(pool)
+        finally:
+            self.connecting_lock_timeout = None
         conn = record.dbapi_connection
         driver.make_physical(conn)
         phys = Physical(slot[0] if driver.per_loop else slot, driver, conn, record, self)

@@ -295,6 +295,39 @@ def test_under_xdist(pytester: pytest.Pytester, outside) -> None:
     assert outside("SELECT count(*) FROM items") == [(0,)]
 
 
+def test_sync_and_async_writing_one_row_never_hang(pytester: pytest.Pytester, outside) -> None:
+    pytester.makeconftest(ENABLE)
+    _ini(pytester)
+    pytester.makepyfile(
+        helpers=HELPERS,
+        test_clash="""
+        import os
+        import pytest
+        import sqlalchemy as sa
+        from helpers import add
+
+        SYNC = sa.create_engine(os.environ["SYNC_URL"])
+
+        @pytest.mark.asyncio
+        async def test_async_first():
+            await add("clash")
+            with SYNC.begin() as conn:  # blocks the loop on the async transaction's row lock
+                conn.execute(sa.text("INSERT INTO items (name) VALUES ('clash')"))
+
+        @pytest.mark.asyncio
+        async def test_sync_first():
+            with SYNC.begin() as conn:
+                conn.execute(sa.text("INSERT INTO items (name) VALUES ('clash')"))
+            await add("clash")
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sa-lock-timeout=1", "-W", "ignore")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*lock timeout*"])
+    assert result.duration < 60
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
 def test_module_engine_with_pre_ping_under_a_loop_per_test(
     pytester: pytest.Pytester, outside, driver: str, request: pytest.FixtureRequest
 ) -> None:
