@@ -234,11 +234,12 @@ class AsyncDriver(Driver):
         self.execute(conn, "ROLLBACK; BEGIN")
 
     def rollback_outer(self, conn: Any, check_deferred: bool) -> None:
+        forget = self.forget_prepared(conn)
         if not check_deferred:
-            self.execute(conn, "ROLLBACK")
+            self.execute(conn, forget + "ROLLBACK")
             return
         try:
-            self.execute(conn, "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+            self.execute(conn, forget + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
         except BaseException:
             if not self.closed(conn):
                 self.execute(conn, "ROLLBACK")

@@ -225,17 +225,7 @@ class _Psycopg3(Driver):
         check after it fails. The cache is private to psycopg (``_prepared``,
         3.1 to 3.3); without it, psycopg handles the ``ROLLBACK`` as before.
         """
-        manager = getattr(conn, "_prepared", None)
-        clear = getattr(manager, "clear", None)
-        if clear is None or not clear():
-            return ""  # nothing was prepared; the counts are forgotten
-        # clear() queued the DEALLOCATE ALL for after the next statement (3.2+: _to_flush, 3.1: _maint_commands).
-        for name in ("_to_flush", "_maint_commands"):
-            queue = getattr(manager, name, None)
-            if queue is not None:
-                queue.clear()
-                return "DEALLOCATE ALL; "
-        return ""
+        return forget_psycopg_prepared(conn)
 
     def make_physical(self, conn: Any) -> None:
         if conn.pgconn.transaction_status != IDLE:
@@ -244,6 +234,21 @@ class _Psycopg3(Driver):
         conn.isolation_level = None
         conn.read_only = None
         conn.deferrable = None
+
+
+def forget_psycopg_prepared(conn: Any) -> str:
+    """:meth:`_Psycopg3.forget_prepared` for a psycopg 3 connection, sync or async."""
+    manager = getattr(conn, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if clear is None or not clear():
+        return ""  # nothing was prepared; the counts are forgotten
+    # clear() queued the DEALLOCATE ALL for after the next statement (3.2+: _to_flush, 3.1: _maint_commands).
+    for name in ("_to_flush", "_maint_commands"):
+        queue = getattr(manager, name, None)
+        if queue is not None:
+            queue.clear()
+            return "DEALLOCATE ALL; "
+    return ""
 
 
 def _run_psycopg2(conn: Any, sql: str) -> None:
