@@ -28,6 +28,7 @@ removing listeners per test.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import weakref
 from typing import Any, Optional
@@ -37,11 +38,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from ._adoption import Registry, note_checkout, note_existing
-from ._aio import async_driver_for
+from ._aio import async_driver_for, before_close
 from ._drivers import driver_for
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
-from ._sqla import pool_of, reset_connection, stand_in
+from ._sqla import pool_of, pre_pings, record_pool, reset_connection, stand_in
 
 _lock = threading.Lock()
 #: the process-wide state, once installed
@@ -134,6 +135,24 @@ def _on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, A
             cparams["options"] = f"{options} -c lock_timeout={millis}".strip()
 
 
+def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+    # Only new connections pass here. An asyncpg connection belongs to the loop it was
+    # made in; when that loop closes, a pool that pings before lending would ping it from
+    # the next loop, before the checkout listener could stand in for it, and fail
+    # ("attached to a different loop"). So such a pool makes a new one in the next loop.
+    driver = async_driver_for(dbapi_connection)
+    if driver is None or not driver.per_loop or not pre_pings(record_pool(connection_record)):
+        return
+    record = weakref.ref(connection_record)
+
+    def renew() -> None:
+        alive = record()
+        if alive is not None:
+            alive.invalidate(soft=True)
+
+    before_close(asyncio.get_running_loop(), renew)
+
+
 def install(state: Registry) -> None:
     """Register the listeners, acting on ``state`` (idempotent). Opening a scope calls this."""
     global _state
@@ -148,6 +167,7 @@ def install(state: Registry) -> None:
         event.listen(Pool, "invalidate", _on_invalidate)
         event.listen(Pool, "detach", _on_detach)
         event.listen(Engine, "do_connect", _on_do_connect)
+        event.listen(Pool, "connect", _on_connect)
         # Connections the application checked out before this point (while
         # a conftest was imported, say) never pass the checkout listener.
         note_existing()

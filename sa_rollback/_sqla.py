@@ -128,6 +128,11 @@ def private_record(pool: Pool) -> _ConnectionRecord:
     return _ConnectionRecord(pool)
 
 
+def pre_pings(pool: Any) -> bool:
+    """Does ``pool`` ping a connection before lending it (``pool_pre_ping=True``)?"""
+    return bool(getattr(pool, "_pre_ping", False))
+
+
 def record_pool(record: Any) -> Optional[Pool]:
     """The pool a record belongs to (a name-mangled attribute)."""
     pool: Optional[Pool] = getattr(record, "_ConnectionRecord__pool", None)

@@ -362,20 +362,9 @@ def test_sync_and_async_writing_one_row_never_hang(pytester: pytest.Pytester, ou
     assert outside("SELECT count(*) FROM items") == [(0,)]
 
 
-def test_module_engine_with_pre_ping_under_a_loop_per_test(
-    pytester: pytest.Pytester, outside, driver: str, request: pytest.FixtureRequest
-) -> None:
+def test_module_engine_with_pre_ping_under_a_loop_per_test(pytester: pytest.Pytester, outside) -> None:
     """``pool_pre_ping=True`` on the application's engine: SQLAlchemy pings the pool's connection before the
     checkout listeners run, and under a loop per test that connection belongs to an earlier, closed loop."""
-    if driver == "asyncpg":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="asyncpg: the pre-ping runs on the pool's connection of the previous test's loop "
-                "('attached to a different loop'), before sa_rollback's checkout listener; found by the "
-                "async benchmark, not fixed yet",
-                strict=True,
-            )
-        )
     pytester.makeconftest(ENABLE)
     _ini(pytester)
     pytester.makepyfile(
