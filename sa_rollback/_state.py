@@ -140,7 +140,8 @@ class State:
         phys = self.physicals.get(slot)
         if phys is not None and phys.usable():
             return phys
-        if driver.per_loop:
+        if driver.per_loop or driver.async_facing:
+            # Connecting awaits: other tasks of the loop run meanwhile.
             return self._loop_physical(slot, driver, pool)
         with self._lock:
             phys = self.physicals.get(slot)
@@ -185,7 +186,7 @@ class State:
             phys = self.physicals.get(slot)
             if phys is not None and phys.usable():
                 return phys
-        loop = slot[1]
+        loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self._connecting[slot] = done
         try:
@@ -193,7 +194,8 @@ class State:
         finally:
             del self._connecting[slot]
             done.set_result(None)
-        before_close(loop, lambda: self._retire(phys))
+        if driver.per_loop:
+            before_close(loop, lambda: self._retire(phys))
         return phys
 
     def _retire(self, phys: Physical) -> None:
