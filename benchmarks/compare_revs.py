@@ -90,13 +90,22 @@ def materialize(spec: str, into: Path) -> Source:
 class Worker:
     """A process that runs test bodies on one revision of sa_rollback, on command."""
 
-    def __init__(self, source: Source, url: str, tables: int, driver: str, cwd: Path):
+    def __init__(self, source: Source, url: str, tables: int, driver: str, cwd: Path, reset_sequences: bool = False):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SA_ROLLBACK"))}
         # The revision's package first; this tree only for the benchmark code. The working directory is
         # neither, since python -m puts it ahead of PYTHONPATH.
         env["PYTHONPATH"] = os.pathsep.join([str(source.path), str(REPO)])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.compare_revs", "--worker", url, str(tables), driver],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.compare_revs",
+                "--worker",
+                url,
+                str(tables),
+                driver,
+                str(int(reset_sequences)),
+            ],
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE,
@@ -174,7 +183,8 @@ def markdown(result: dict[str, Any]) -> str:
     a, b = result["a"], result["b"]
     lines = [
         f"A = `{a['spec']}` ({a['label']}); B = `{b['spec']}` ({b['label']}).",
-        f"Server {result['server']}, driver {result['driver']}, {result['tables']} tables; "
+        f"Server {result['server']}, driver {result['driver']}, {result['tables']} tables"
+        f"{', reset_sequences on' if result.get('reset_sequences') else ''}; "
         f"{result['rounds']} rounds of blocks of {result['tests_per_block']} tests per body and side, alternating "
         "A B / B A. Times in µs per test: mean ± half-width of the 95% confidence interval.",
         "",
@@ -199,7 +209,7 @@ def markdown(result: dict[str, Any]) -> str:
 # -- the worker -------------------------------------------------------------------------------
 
 
-def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[str]) -> None:
+def worker_main(url: str, tables: int, driver: str, reset: bool, stdin: IO[str], stdout: IO[str]) -> None:
     import traceback
 
     import sqlalchemy as sa
@@ -217,7 +227,7 @@ def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[s
         return Session(engine)
 
     def one_test(body: str) -> None:
-        with sa_rollback.rollback_scope():
+        with sa_rollback.rollback_scope(reset_sequences=reset) if reset else sa_rollback.rollback_scope():
             BODY_FUNCS[body](new_session, schema)
 
     def handle(message: dict[str, Any]) -> dict[str, Any]:
@@ -267,7 +277,7 @@ def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[s
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        worker_main(argv[1], int(argv[2]), argv[3], sys.stdin, sys.stdout)
+        worker_main(argv[1], int(argv[2]), argv[3], argv[4:5] == ["1"], sys.stdin, sys.stdout)
         return 0
     from benchmarks.config import URL_ENV, db, server_url, set_tag
     from benchmarks.db import build_schema, session_admin
@@ -285,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=30, help="Tests whose round trips are counted (default: 30)")
     parser.add_argument("--tag", default="cmp", help="Word in the database names (concurrent runs)")
     parser.add_argument("--json", type=Path, help="Also write the results to this file")
+    parser.add_argument(
+        "--reset-sequences", action="store_true", help="Every test's scope puts the sequences back (reset_sequences)"
+    )
     args = parser.parse_args(argv)
     bodies = tuple(b for b in args.bodies.split(",") if b)
     if not bodies or any(b not in ("write", "read", "nodb") for b in bodies):
@@ -305,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = db(f"revs_{side}")
                 build_schema(admin, name, schema)
                 db_url = admin.db_url(name).render_as_string(hide_password=False)
-                workers.append(Worker(source, db_url, args.tables, args.driver, Path(tmp)))
+                workers.append(Worker(source, db_url, args.tables, args.driver, Path(tmp), args.reset_sequences))
                 progress(f"{side.upper()}: {source.label}: {workers[-1].info['sa_rollback']}")
             result = compare((workers[0], workers[1]), bodies, args.tests, args.rounds, args.count, progress)
         finally:
@@ -317,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         server=f"{url.host}:{url.port or 5432}",
         driver=args.driver,
         tables=args.tables,
+        reset_sequences=args.reset_sequences,
     )
     text = markdown(result)
     print(text)

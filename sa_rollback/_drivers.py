@@ -32,6 +32,11 @@ class DatabaseKey(NamedTuple):
     def describe(self) -> str:
         return f"{self.dbname} on {self.host}:{self.port} as {self.user} ({self.driver})"
 
+    @property
+    def db(self) -> tuple[str, str, str]:
+        """The database itself, whichever driver and role reach it."""
+        return (self.host, self.port, self.dbname)
+
 
 class Driver:
     """Adapter for one DBAPI module."""
