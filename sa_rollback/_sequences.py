@@ -65,25 +65,26 @@ def restored(db: tuple[Any, ...], reset_sql: str, fingerprint: tuple[int, ...]) 
     _known[db] = (reset_sql, fingerprint)
 
 
-def _literal(value: Optional[int]) -> str:
-    return "NULL" if value is None else str(int(value))
+def _array(values: Sequence[Optional[int]]) -> str:
+    return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
 
 
 def restore_sql(rows: Sequence[Sequence[Any]]) -> str:
     """The statement that puts back every sequence of ``rows`` (from :data:`SNAPSHOT`) that moved.
 
     A sequence that had not handed out a value yet goes back to its start, not
-    yet called. Empty when the database has no sequence.
+    yet called. Empty when the database has no sequence. Three array literals,
+    not a ``VALUES`` list, which the server takes about half a millisecond to
+    parse and plan at 100 rows. The join skips a sequence the test dropped (it
+    comes back with the rollback).
     """
     if not rows:
         return ""
-    values = ", ".join(
-        f"({_literal(oid)}::oid, {_literal(last)}::int8, {_literal(start)}::int8)" for oid, last, start in rows
-    )
+    oids, lasts, starts = zip(*((oid, last, start) for oid, last, start in rows))
     return (
-        "SELECT count(setval(b.o::regclass, coalesce(b.v, b.st), b.v IS NOT NULL))"
-        f" FROM (VALUES {values}) AS b(o, v, st) JOIN pg_sequence s ON s.seqrelid = b.o"
-        " WHERE pg_sequence_last_value(b.o::regclass) IS DISTINCT FROM b.v"
+        "SELECT count(setval(b.o, coalesce(b.v, b.st), b.v IS NOT NULL))"
+        f" FROM unnest('{_array(oids)}'::oid[], '{_array(lasts)}'::int8[], '{_array(starts)}'::int8[]) AS b(o, v, st)"
+        " JOIN pg_sequence s ON s.seqrelid = b.o WHERE pg_sequence_last_value(b.o) IS DISTINCT FROM b.v"
     )
 
 
