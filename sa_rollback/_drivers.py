@@ -96,6 +96,18 @@ class Driver:
         """What the driver's own ``rollback()`` does to its prepared statements, as SQL to send before the ROLLBACK."""
         return ""
 
+    def undo_savepoint(self, conn: Any, name: Optional[str]) -> str:
+        """Roll back to a frame's savepoint and release it, as SQL.
+
+        psycopg reads the status of ``ROLLBACK TO SAVEPOINT`` as a rollback's:
+        it deallocates its prepared statements in a round trip of its own, as
+        after a textual ``ROLLBACK`` (:meth:`forget_prepared`). The ``DEALLOCATE
+        ALL`` goes last in this round trip instead, once the transaction is
+        sound again.
+        """
+        forget = self.forget_prepared(conn).rstrip("; ")
+        return f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}" + (f"; {forget}" if forget else "")
+
     def dead(self, conn: Any) -> bool:
         """Did the server drop this idle connection (backend terminated, restart)? No round trip.
 

@@ -343,7 +343,7 @@ class Physical:
                 raise
             self.stack.clear()
             return
-        undo = f"ROLLBACK TO SAVEPOINT {base.name}; RELEASE SAVEPOINT {base.name}"
+        undo = self.driver.undo_savepoint(self.conn, base.name)
         if frame.reset_sql:
             undo = f"{undo}; {frame.reset_sql}"
         try:
