@@ -37,7 +37,7 @@ from types import CodeType
 from typing import Any, Callable, Optional, Protocol
 
 from ._drivers import IDLE, INERROR, INTRANS
-from ._guard import GUARD_KEY, PoolConnectionGuard, give_back
+from ._guard import GUARD_KEY, PoolConnectionGuard, give_back, unguard_idle
 from ._physical import Physical, ScopeSource
 from ._proxy import FailingCursor, LogicalConnection, LogicalCursor
 from ._sequences import untracked as untracked_sequences
@@ -72,6 +72,7 @@ def note_checkout(fairy: Any, record: Any) -> None:
     """The pool lent ``fairy`` while no scope is open; a scope that opens before it returns adopts it."""
     _noted[id(record)] = (weakref.ref(fairy), caller_site(2))
     untracked_sequences()  # what it runs is real, and may move sequences
+    unguard_idle(record)
 
 
 def note_existing() -> None:

@@ -68,6 +68,8 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     guard: Optional[PoolConnectionGuard] = info.get(GUARD_KEY)
     if guard is None or guard.real is not dbapi_connection:
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, driver)
+    elif not guard.count:
+        guard.lend()  # still read-only since an earlier checkout in a scope (give_back's to_pool)
     logical = LogicalConnection(phys, state.next_number(), autocommit, guard)
     guard.count += 1
     guard.checkouts.append((weakref.ref(connection_proxy), logical))
@@ -76,7 +78,7 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
 
 def _give_back(logical: Lent, connection_record: Any) -> None:
     assert _state is not None
-    for error in give_back(logical, connection_record):
+    for error in give_back(logical, connection_record, to_pool=True):
         _state.report(error)
 
 
