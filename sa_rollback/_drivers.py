@@ -7,6 +7,7 @@ costs a round trip, except :meth:`Driver.execute`.
 from __future__ import annotations
 
 import select
+import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 # libpq's PQtransactionStatus values; psycopg2 and psycopg 3 both report them.
@@ -49,6 +50,24 @@ class Driver:
         self.name = name
         self.in_failed_transaction = in_failed
         self._run = runner
+
+    #: its connections belong to one event loop: one shared connection per (database, loop)
+    per_loop = False
+
+    def new_lock(self) -> Any:
+        """The lock of a shared connection: one thread at a time (async drivers: one task)."""
+        return threading.RLock()
+
+    def rollback(self, conn: Any) -> None:
+        """End the transaction; the next statement begins a new one."""
+        conn.rollback()
+
+    def restart(self, conn: Any) -> None:
+        """Roll the whole transaction back and go on in a new one (the frame stays open)."""
+        conn.rollback()
+
+    def note_failure(self, conn: Any) -> None:
+        """A statement on ``conn`` failed (for drivers that do not report an aborted transaction)."""
 
     def key(self, conn: Any) -> DatabaseKey:
         info = conn.info

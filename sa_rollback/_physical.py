@@ -72,11 +72,12 @@ class Physical:
 
     def __init__(self, key: DatabaseKey, driver: Driver, conn: Any, record: Any, scopes: ScopeSource) -> None:
         self.key = key
+        self.slot: Any = key  # where the state keeps it: key, or (key, event loop) for async drivers
         self.driver = driver
         self.conn = conn
         self._record = record
         self.scopes = scopes
-        self.lock = SharedLock(f"the connection to {key.describe()}", scopes.report)
+        self.lock = SharedLock(f"the connection to {key.describe()}", scopes.report, driver.new_lock())
         self.stack = SavepointStack()
         self.frames: list[Frame] = []
         #: number of the latest write
@@ -188,7 +189,7 @@ class Physical:
 
     def _rollback_all(self) -> None:
         self._check_driver_free()
-        self.conn.rollback()
+        self.driver.restart(self.conn)
 
     # -- frames ---------------------------------------------------------------
 
@@ -238,7 +239,7 @@ class Physical:
         else:
             if self.driver.status(self.conn) != IDLE:
                 # Left over from a scope whose rollback failed half way.
-                self.conn.rollback()
+                self.driver.rollback(self.conn)
             base = Savepoint(None, self.seq, fresh(self.seq))
         # Rolling back to a frame's base restores the frame's empty history.
         base.marks = fresh(self.seq)
@@ -355,8 +356,7 @@ class Physical:
             self.stack.cut(base.index)
             raise self._deferred_error(frame, exc) from exc
         self.stack.cut(base.index)
-        if frame.reset_sql:
-            sequences.restored(self.key.db, frame.reset_sql, frame.reset_fp)
+        sequences.restored(self.key.db, frame)
 
     def _rollback_outer_restoring(self, frame: Frame, check: bool) -> None:
         """Put the sequences back and roll back the outer transaction, in one round trip.
@@ -381,13 +381,13 @@ class Physical:
             self.stack.clear()
             if self.driver.closed(self.conn):
                 raise
-            self.conn.rollback()
+            self.driver.rollback(self.conn)
             self.execute(after)
             if check:
                 raise self._deferred_error(frame, exc) from exc
             raise
         self.stack.clear()
-        sequences.restored(self.key.db, frame.reset_sql, frame.reset_fp)
+        sequences.restored(self.key.db, frame)
 
     def _deferred_error(self, frame: Frame, exc: BaseException) -> DeferredConstraintError:
         constraint = self.driver.constraint_name(exc)
@@ -475,7 +475,7 @@ class Physical:
         try:
             # psycopg2 still believes it is in a transaction and would run the
             # next statements in autocommit mode; a rollback resets that.
-            self.conn.rollback()
+            self.driver.rollback(self.conn)
         except Exception as exc:
             self.mark_lost(exc)
         frames = self.frames

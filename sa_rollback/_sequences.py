@@ -22,7 +22,10 @@ trip that begins its transaction (:data:`FINGERPRINT`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from ._history import Frame
 
 #: each readable sequence of the database: its oid, last value (NULL before its first nextval), start
 #: (the privilege check is in the select list, as in the pg_sequences view: in WHERE, the planner
@@ -60,9 +63,10 @@ def forget(db: tuple[Any, ...]) -> None:
     _known.pop(db, None)
 
 
-def restored(db: tuple[Any, ...], reset_sql: str, fingerprint: tuple[int, ...]) -> None:
-    """A frame's restore ran: ``db``'s sequences stand at its reference."""
-    _known[db] = (reset_sql, fingerprint)
+def restored(db: tuple[Any, ...], frame: Frame) -> None:
+    """``frame`` was rolled back: if it puts sequences back, ``db``'s stand at its reference."""
+    if frame.reset_sql:
+        _known[db] = (frame.reset_sql, frame.reset_fp)
 
 
 def _array(values: Sequence[Optional[int]]) -> str:
