@@ -20,6 +20,15 @@ the round trips of ``--count`` tests of each body from libpq's trace: the mean
 and the maximum, every test counted. ``--pytest-nodb PAIRS`` adds pairs of
 pytest runs of 2000 tests that touch no database, with the plugin of each
 revision loaded.
+
+Two switches change what every test of a side does: ``--reset-sequences`` (both
+sides' scopes put the sequences back), and ``--b-in-data-scope``: B's tests run
+inside a scope that stays open for the whole run and holds 10 committed rows,
+as in a module whose fixture requests ``sa_rollback_module_scope``. Given the
+same revision twice, it measures what a test inside a data scope costs over a
+top-level one::
+
+    python -m benchmarks.compare_revs HEAD HEAD --b-in-data-scope
 """
 
 from __future__ import annotations
@@ -92,13 +101,32 @@ def materialize(spec: str, into: Path) -> Source:
 class Worker:
     """A process that runs test bodies on one revision of sa_rollback, on command."""
 
-    def __init__(self, source: Source, url: str, tables: int, driver: str, cwd: Path):
+    def __init__(
+        self,
+        source: Source,
+        url: str,
+        tables: int,
+        driver: str,
+        cwd: Path,
+        reset_sequences: bool = False,
+        in_data_scope: bool = False,
+    ):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SA_ROLLBACK"))}
         # The revision's package first; this tree only for the benchmark code. The working directory is
         # neither, since python -m puts it ahead of PYTHONPATH.
         env["PYTHONPATH"] = os.pathsep.join([str(source.path), str(REPO)])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.compare_revs", "--worker", url, str(tables), driver],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.compare_revs",
+                "--worker",
+                url,
+                str(tables),
+                driver,
+                str(int(reset_sequences)),
+                str(int(in_data_scope)),
+            ],
             cwd=cwd,
             env=env,
             stdin=subprocess.PIPE,
@@ -209,7 +237,9 @@ def markdown(result: dict[str, Any]) -> str:
     a, b = result["a"], result["b"]
     lines = [
         f"A = `{a['spec']}` ({a['label']}); B = `{b['spec']}` ({b['label']}).",
-        f"Server {result['server']}, driver {result['driver']}, {result['tables']} tables; "
+        f"Server {result['server']}, driver {result['driver']}, {result['tables']} tables"
+        f"{', reset_sequences on' if result.get('reset_sequences') else ''}"
+        f"{'; B inside a data scope that holds 10 rows' if result.get('b_in_data_scope') else ''}; "
         f"{result['rounds']} rounds of blocks of {result['tests_per_block']} tests per body and side, alternating "
         "A B / B A. Times in µs per test: mean ± half-width of the 95% confidence interval.",
         "",
@@ -242,7 +272,9 @@ def markdown(result: dict[str, Any]) -> str:
 # -- the worker -------------------------------------------------------------------------------
 
 
-def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[str]) -> None:
+def worker_main(
+    url: str, tables: int, driver: str, reset: bool, in_data_scope: bool, stdin: IO[str], stdout: IO[str]
+) -> None:
     import traceback
 
     import sqlalchemy as sa
@@ -260,8 +292,14 @@ def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[s
         return Session(engine)
 
     def one_test(body: str) -> None:
-        with sa_rollback.rollback_scope():
+        with sa_rollback.rollback_scope(reset_sequences=reset) if reset else sa_rollback.rollback_scope():
             BODY_FUNCS[body](new_session, schema)
+
+    # A module's data scope: open for the whole run, its fixture's rows committed in it.
+    outer = sa_rollback.rollback_scope("module data", reset_sequences=reset) if in_data_scope else None
+    if outer is not None:
+        outer.__enter__()
+        BODY_FUNCS["write"](new_session, schema)
 
     def handle(message: dict[str, Any]) -> dict[str, Any]:
         cmd = message["cmd"]
@@ -301,6 +339,8 @@ def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[s
             answer = {"error": traceback.format_exc()}
         stdout.write(json.dumps(answer) + "\n")
         stdout.flush()
+    if outer is not None:
+        outer.close()
     engine.dispose()
 
 
@@ -310,7 +350,7 @@ def worker_main(url: str, tables: int, driver: str, stdin: IO[str], stdout: IO[s
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        worker_main(argv[1], int(argv[2]), argv[3], sys.stdin, sys.stdout)
+        worker_main(argv[1], int(argv[2]), argv[3], argv[4:5] == ["1"], argv[5:6] == ["1"], sys.stdin, sys.stdout)
         return 0
     from benchmarks.config import URL_ENV, db, server_url, set_tag
     from benchmarks.db import build_schema, session_admin
@@ -336,6 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         help="Also run a pytest suite of 2000 tests that touch no database, with the plugin, on each "
         "revision, for this many pairs of runs (default: 0, not run)",
     )
+    parser.add_argument(
+        "--reset-sequences", action="store_true", help="Every test's scope puts the sequences back (reset_sequences)"
+    )
+    parser.add_argument(
+        "--b-in-data-scope",
+        action="store_true",
+        help="B's tests run inside a scope that stays open and holds data, as a module's data scope does "
+        "(compare a revision with itself: the cost of a test in a module data scope over a top-level one)",
+    )
     args = parser.parse_args(argv)
     bodies = tuple(b for b in args.bodies.split(",") if b)
     if not bodies or any(b not in ("write", "read", "nodb") for b in bodies):
@@ -356,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                 name = db(f"revs_{side}")
                 build_schema(admin, name, schema)
                 db_url = admin.db_url(name).render_as_string(hide_password=False)
-                workers.append(Worker(source, db_url, args.tables, args.driver, Path(tmp)))
+                nested = args.b_in_data_scope and side == "b"
+                workers.append(
+                    Worker(source, db_url, args.tables, args.driver, Path(tmp), args.reset_sequences, nested)
+                )
                 progress(f"{side.upper()}: {source.label}: {workers[-1].info['sa_rollback']}")
             result = compare((workers[0], workers[1]), bodies, args.tests, args.rounds, args.count, progress)
             if args.pytest_nodb:
@@ -370,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         server=f"{url.host}:{url.port or 5432}",
         driver=args.driver,
         tables=args.tables,
+        reset_sequences=args.reset_sequences,
+        b_in_data_scope=args.b_in_data_scope,
     )
     text = markdown(result)
     print(text)

@@ -37,9 +37,10 @@ from types import CodeType
 from typing import Any, Callable, Optional, Protocol
 
 from ._drivers import IDLE, INERROR, INTRANS
-from ._guard import GUARD_KEY, PoolConnectionGuard, give_back
+from ._guard import GUARD_KEY, PoolConnectionGuard, give_back, unguard_idle
 from ._physical import Physical, ScopeSource
 from ._proxy import FailingCursor, LogicalConnection, LogicalCursor
+from ._sequences import untracked as untracked_sequences
 from ._sqla import Fairy, dialect_of, held_connection, pool_of, record_of, stand_in
 from .errors import HeldConnectionError, SaRollbackError, SaRollbackWarning, caller_site, format_site
 
@@ -72,6 +73,8 @@ _WROTE = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 def note_checkout(fairy: Any, record: Any) -> None:
     """The pool lent ``fairy`` while no scope is open; a scope that opens before it returns adopts it."""
     _noted[id(record)] = (weakref.ref(fairy), caller_site(2))
+    untracked_sequences()  # what it runs is real, and may move sequences
+    unguard_idle(record)
 
 
 def note_existing() -> None:
@@ -231,5 +234,6 @@ def release_adopted(registry: Registry, keep: Callable[[LogicalConnection], bool
             kept.append(logical)
             continue
         errors.extend(release(logical, fairy))
+        untracked_sequences()  # its real connection may move sequences now
     registry.adopted = kept
     return errors

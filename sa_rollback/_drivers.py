@@ -33,6 +33,11 @@ class DatabaseKey(NamedTuple):
     def describe(self) -> str:
         return f"{self.dbname} on {self.host}:{self.port} as {self.user} ({self.driver})"
 
+    @property
+    def db(self) -> tuple[str, str, str]:
+        """The database itself, whichever driver and role reach it."""
+        return (self.host, self.port, self.dbname)
+
 
 class Driver:
     """Adapter for one DBAPI module."""
@@ -115,6 +120,18 @@ class Driver:
     def forget_prepared(self, conn: Any) -> str:
         """What the driver's own ``rollback()`` does to its prepared statements, as SQL to send before the ROLLBACK."""
         return ""
+
+    def undo_savepoint(self, conn: Any, name: Optional[str]) -> str:
+        """Roll back to a frame's savepoint and release it, as SQL.
+
+        psycopg reads the status of ``ROLLBACK TO SAVEPOINT`` as a rollback's:
+        it deallocates its prepared statements in a round trip of its own, as
+        after a textual ``ROLLBACK`` (:meth:`forget_prepared`). The ``DEALLOCATE
+        ALL`` goes last in this round trip instead, once the transaction is
+        sound again.
+        """
+        forget = self.forget_prepared(conn).rstrip("; ")
+        return f"ROLLBACK TO SAVEPOINT {name}; RELEASE SAVEPOINT {name}" + (f"; {forget}" if forget else "")
 
     def dead(self, conn: Any) -> bool:
         """Did the server drop this idle connection (backend terminated, restart)? No round trip.

@@ -56,8 +56,25 @@ class PoolConnectionGuard:
             # A dead pool connection: nothing can go through it anyway.
             pass
 
-    def release(self) -> Optional[TransactionEscapeError]:
-        """Give the connection back in the state it was lent in; describe any use of it."""
+    def lend(self) -> None:
+        """Lend it again, still read-only from an earlier checkout; pool_pre_ping may have begun a transaction."""
+        try:
+            if self.driver.status(self.real) != IDLE:
+                self.real.rollback()
+        except Exception:
+            pass  # a dead pool connection: nothing can go through it anyway
+
+    def restore(self) -> None:
+        """Make it writable again, as it was lent (the first checkout outside every scope does it)."""
+        if self.saved is not None:
+            try:
+                self.driver.unguard(self.real, self.saved)
+            except Exception:
+                pass  # a broken connection: the pool finds out on its own
+            self.saved = None
+
+    def release(self, keep_guarded: bool = False) -> Optional[TransactionEscapeError]:
+        """Describe any use of it; give it back writable, as it was lent, unless ``keep_guarded``."""
         real = self.real
         driver = self.driver
         try:
@@ -80,7 +97,7 @@ class PoolConnectionGuard:
                     "raw connection itself), which joins the test's transaction."
                 )
                 real.rollback()
-            if self.saved is not None:
+            if self.saved is not None and not keep_guarded:
                 driver.unguard(real, self.saved)
                 self.saved = None
             return error
@@ -95,11 +112,17 @@ class PoolConnectionGuard:
             pass
 
 
-def give_back(logical: Lent, record: Any) -> list[SaRollbackError]:
+def give_back(logical: Lent, record: Any, to_pool: bool = False) -> list[SaRollbackError]:
     """The checkout of ``logical`` ends: end it, and restore the pool connection when no one else uses it.
 
     Returns the errors to report: a rollback that could not be honoured, a
     statement run on the pool's own connection.
+
+    ``to_pool``: the pool takes its connection back. It stays read-only, with
+    its guard, for the next checkout in a scope, which then costs no
+    ``autocommit``/``read_only`` round of the driver's setters (a few
+    microseconds on every checkout of a test); the first checkout outside
+    every scope makes it writable (:func:`unguard_idle`).
     """
     errors = [error for error in (logical.returned(),) if error is not None]
     adoption = logical.adoption
@@ -117,9 +140,18 @@ def give_back(logical: Lent, record: Any) -> list[SaRollbackError]:
     guard.checkouts = [entry for entry in guard.checkouts if entry[1] is not logical]
     guard.count -= 1
     if guard.count <= 0:
-        if record is not None and record.info.get(GUARD_KEY) is guard:
+        kept = to_pool and record is not None and record.info.get(GUARD_KEY) is guard
+        if record is not None and record.info.get(GUARD_KEY) is guard and not kept:
             del record.info[GUARD_KEY]
-        error = guard.release()
+        error = guard.release(keep_guarded=kept)
         if error is not None:
             errors.append(error)
     return errors
+
+
+def unguard_idle(record: Any) -> None:
+    """A checkout outside every scope: the pool connection, kept read-only since a scope lent it, is writable again."""
+    guard: Optional[PoolConnectionGuard] = record.info.get(GUARD_KEY)
+    if guard is not None and guard.count <= 0:
+        del record.info[GUARD_KEY]
+        guard.restore()

@@ -148,7 +148,18 @@ class SavepointStack:
 class Frame:
     """What one rollback scope did on one physical connection: its base point and its writes."""
 
-    __slots__ = ("base", "last_seq", "last_sql", "last_txn", "logicals", "prev_seq", "prev_sql", "reset_sql", "scope")
+    __slots__ = (
+        "base",
+        "last_seq",
+        "last_sql",
+        "last_txn",
+        "logicals",
+        "prev_seq",
+        "prev_sql",
+        "reset_fp",
+        "reset_sql",
+        "scope",
+    )
 
     def __init__(self, scope: ScopeLike, base: Savepoint) -> None:
         self.scope = scope
@@ -162,6 +173,8 @@ class Frame:
         self.logicals: set[Any] = set()
         #: the statement that puts the sequences back after the frame's rollback (see _sequences)
         self.reset_sql = ""
+        #: the set of sequences that reset_sql covers (see _sequences.FINGERPRINT)
+        self.reset_fp: tuple[int, ...] = ()
 
     def last_foreign(self, txn: int) -> int:
         """Number of the latest write in this frame by a transaction other than ``txn``."""

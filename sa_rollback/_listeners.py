@@ -67,6 +67,8 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
         # The pool's own connection may be another kind than the shared one (psycopg async).
         own = driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, own)
+    elif not guard.count:
+        guard.lend()  # still read-only since an earlier checkout in a scope (give_back's to_pool)
     logical = LogicalConnection(phys, state.next_number(), autocommit, guard)
     logical.async_facing = guard.driver.async_facing
     guard.count += 1
@@ -76,7 +78,7 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
 
 def _give_back(logical: Lent, connection_record: Any) -> None:
     assert _state is not None
-    for error in give_back(logical, connection_record):
+    for error in give_back(logical, connection_record, to_pool=True):
         _state.report(error)
 
 

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional, Protocol
 
+from . import _sequences as sequences
 from ._drivers import IDLE, INERROR, DatabaseKey, Driver
 from ._history import Frame, Savepoint, SavepointStack, ScopeLike, fresh
 from ._lock import SharedLock
-from ._sequences import snapshot
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -233,27 +233,25 @@ class Physical:
                 "the tests on a clone (--sa-schema, for example 'existing'), or turn reset_sequences "
                 "off for this test."
             )
-        reset_sql = ""
-        if self.frames:
+        nested = bool(self.frames)
+        if nested:
             base = self.push_savepoint(None)
-            if reset:
-                self._check_driver_free()
-                reset_sql = snapshot(self.driver.name, self.conn, begin=False)
         else:
             if self.driver.status(self.conn) != IDLE:
                 # Left over from a scope whose rollback failed half way.
                 self.driver.rollback(self.conn)
-            if reset:
-                self._check_driver_free()
-                reset_sql = snapshot(self.driver.name, self.conn, begin=True)
-            else:
-                self.driver.begin_outer(self.conn)
             base = Savepoint(None, self.seq, fresh(self.seq))
         # Rolling back to a frame's base restores the frame's empty history.
         base.marks = fresh(self.seq)
         base.is_base = True
         frame = Frame(scope, base)
-        frame.reset_sql = reset_sql
+        if reset:
+            self._check_driver_free()
+            frame.reset_sql, frame.reset_fp = sequences.reference(self.driver.name, self.conn, self.key.db, not nested)
+        else:
+            sequences.forget(self.key.db)
+            if not nested:
+                self.driver.begin_outer(self.conn)
         self.frames.append(frame)
         scope.touched(self)
         return frame
@@ -346,7 +344,7 @@ class Physical:
                 raise
             self.stack.clear()
             return
-        undo = f"ROLLBACK TO SAVEPOINT {base.name}; RELEASE SAVEPOINT {base.name}"
+        undo = self.driver.undo_savepoint(self.conn, base.name)
         if frame.reset_sql:
             undo = f"{undo}; {frame.reset_sql}"
         try:
@@ -358,6 +356,7 @@ class Physical:
             self.stack.cut(base.index)
             raise self._deferred_error(frame, exc) from exc
         self.stack.cut(base.index)
+        sequences.restored(self.key.db, frame)
 
     def _rollback_outer_restoring(self, frame: Frame, check: bool) -> None:
         """Put the sequences back and roll back the outer transaction, in one round trip.
@@ -388,6 +387,7 @@ class Physical:
                 raise self._deferred_error(frame, exc) from exc
             raise
         self.stack.clear()
+        sequences.restored(self.key.db, frame)
 
     def _deferred_error(self, frame: Frame, exc: BaseException) -> DeferredConstraintError:
         constraint = self.driver.constraint_name(exc)

@@ -191,7 +191,7 @@ class RollbackScope:
                 if phys.broken and not phys.frames:
                     # Outer scopes still on it keep it, so that they fail too.
                     STATE.discard(phys)
-        if STATE.top is None:
+        if STATE.top is None and STATE.adopted:
             # Between scopes, what the application lent before the scope is its own again.
             self.errors.extend(release_adopted(STATE, keep=lambda logical: False))
         if raise_errors:

@@ -473,8 +473,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     the test fails even when the application catches them; when the error
     reached pytest anyway, it is reported once, where it happened.
     """
+    if call.excinfo is None:  # first: it is so for every phase of a passing test
+        return
     scope = item.stash.get(scope_key, None)
-    if scope is None or call.excinfo is None or not scope.errors:
+    if scope is None or not scope.errors:
         return
     raised: set[int] = set()
     error: Optional[BaseException] = call.excinfo.value

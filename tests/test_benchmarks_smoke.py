@@ -230,6 +230,26 @@ def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
     assert left == []
 
 
+def test_a_test_in_a_data_scope_sends_the_round_trips_of_a_top_level_one(tmp_path: Path) -> None:
+    """Its SAVEPOINT replaces the BEGIN; psycopg's prepared statements cost no round trip of their own."""
+    out = tmp_path / "nested.json"
+    script = REPO / "benchmarks" / "compare_revs.py"
+    options = ["--url", ADMIN_URL, "--tag", "smokenest", "--rounds", "1", "--tests", "2", "--count", "12"]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REPO), str(REPO), *options, "--b-in-data-scope", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"compare_revs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    result = json.loads(out.read_text())
+    assert result["b_in_data_scope"]
+    for body, trips in (("write", 5), ("read", 4)):
+        counted = result["bodies"][body]["round_trips"]
+        assert counted["a"]["per_test"] == counted["b"]["per_test"] == [trips] * 12
+
+
 def test_suites_and_costs_are_measured(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     for key, entry in results["suites"]["strategies"].items():

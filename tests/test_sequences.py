@@ -155,6 +155,33 @@ def test_deferred_violation_still_resets(seq_engine: sa.Engine, positions: Calla
         assert insert_everywhere(seq_engine, times=1)[0] == 1
 
 
+def test_work_between_scopes_moves_the_reference(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """A scope reuses the positions the previous one restored, unless something may have moved them since."""
+
+    def first_ids() -> list[int]:
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            return insert_everywhere(seq_engine, times=1)
+
+    assert first_ids() == first_ids() == [1, 1, 1, 1, 2, 1]
+    try:
+        with seq_engine.begin() as conn:  # outside every scope: real, and its id stays taken
+            conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1)"))
+        assert first_ids()[0] == first_ids()[0] == 2
+        with sa_rollback.rollback_scope():  # a scope that leaves the sequences where it took them
+            insert_everywhere(seq_engine, times=1)
+        assert first_ids()[:2] == first_ids()[:2] == [3, 2]
+        with psycopg.connect(libpq_dsn(SEQ_DB), autocommit=True) as raw:  # a new sequence, where nothing sees it
+            raw.execute("CREATE TABLE s_late (id serial PRIMARY KEY)")
+        for _ in range(2):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                with seq_engine.begin() as conn:
+                    assert conn.execute(sa.text("INSERT INTO s_late DEFAULT VALUES RETURNING id")).scalar() == 1
+    finally:
+        with psycopg.connect(libpq_dsn(SEQ_DB), autocommit=True) as raw:
+            raw.execute("DELETE FROM s_serial")
+            raw.execute("DROP TABLE IF EXISTS s_late")
+
+
 # -- the plugin: an inner suite that hard-codes ids from 1 ----------------------
 
 INNER_SCHEMA = """
