@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable, Optional, Protocol
 
+from . import _queries
 from ._classify import Kind, Statement, classify
 from ._drivers import IDLE
 from ._guard import PoolConnectionGuard
@@ -260,6 +261,8 @@ class LogicalConnection(Logical):
         stmt = classify(sql)
         kind = stmt.kind
         phys = self.phys
+        if _queries.active is not None:  # sa_queries: the one read it costs when nobody asked
+            fn = _queries.active.record(sql, args, phys.key.dbname, fn)
         scopes = phys.scopes
         top = scopes.top
         lock = phys.lock

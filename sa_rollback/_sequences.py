@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from ._stats import STATS
+
 #: each readable sequence of the database: its oid, last value (NULL before its first nextval), start
 #: (the privilege check is in the select list, as in the pg_sequences view: in WHERE, the planner
 #: may run it on pg_class rows that are not sequences, and it raises on those)
@@ -57,6 +59,7 @@ def snapshot(driver_name: str, conn: Any, begin: bool) -> str:
     starts here. Where the driver allows, the BEGIN goes in the same round
     trip, in place of the one the driver would send on its own.
     """
+    STATS.round_trips += 1
     if driver_name == "psycopg":
         if begin:
             return restore_sql(_begin_psycopg3(conn))
