@@ -162,23 +162,23 @@ class Outside:
         """The query that lists the other client backends on the database (after :meth:`suspicious`)."""
         return _FRESH + _LIST if in_transaction else _LIST
 
-    def check(self, label: str, database: str, rows: list[tuple[Any, ...]]) -> Optional[OutsideConnectionError]:
-        """The error for the probe's rows, or None when every backend is this process's own."""
+    def unknown(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The listed backends that are neither this process's pools' nor reported already."""
         own = self.own
-        unknown = [row for row in rows if row[0] not in own and (int(row[0]), str(row[3])) not in self._reported]
-        if unknown:
+        found = [row for row in rows if row[0] not in own and (int(row[0]), str(row[3])) not in self._reported]
+        if found:
             # Pools that connected before the listener was installed: found once, the slow way.
             for conn in pooled_connections():
                 self._learn(conn)
+            found = [row for row in found if row[0] not in own]
+        return found
+
+    def error(self, label: str, database: str, rows: list[tuple[Any, ...]]) -> OutsideConnectionError:
+        """The error naming the backends of :meth:`unknown`, which are not reported again."""
         found = []
-        for pid, app, client, since in unknown:
-            key = (int(pid), str(since))
-            if pid in own:
-                continue
-            self._reported.add(key)
+        for pid, app, client, since in rows:
+            self._reported.add((int(pid), str(since)))
             found.append(f"pid {pid}, application_name {app!r}, from {client}, connected since {since}")
-        if not found:
-            return None
         listed = "; ".join(found)
         return OutsideConnectionError(
             f"{label}: {len(found)} connection(s) to the test database {database!r} that sa_rollback does "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Callable, Optional
 
 from .errors import QueryCountError
@@ -108,20 +107,31 @@ class QueryList:
         if len(statements) != expected:
             raise QueryCountError(_mismatch(expected, statements, view.database, ""))
 
-    @contextmanager
-    def expect(self, expected: int, database: Optional[str] = None) -> Iterator[QueryList]:
+    def expect(self, expected: int, database: Optional[str] = None) -> _Expect:
         """``with sa_queries.expect(2): ...``: fail unless the block sends exactly ``expected`` statements.
 
         Yields the block's own statements (filled in as it runs).
         """
-        __tracebackhide__ = True
         database = self._database if database is None else self._aliases.get(database, database)
-        block = _Block(self._records, len(self._records), database)
-        yield block
-        block.close()
-        statements = block.statements
-        if len(statements) != expected:
-            raise QueryCountError(_mismatch(expected, statements, database, " in the block"))
+        return _Expect(_Block(self._records, len(self._records), database), expected)
+
+
+class _Expect:
+    """The context manager of :meth:`QueryList.expect`."""
+
+    def __init__(self, block: _Block, expected: int) -> None:
+        self.block = block
+        self.expected = expected
+
+    def __enter__(self) -> QueryList:
+        return self.block
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        __tracebackhide__ = True
+        self.block.close()
+        statements = self.block.statements
+        if exc_type is None and len(statements) != self.expected:
+            raise QueryCountError(_mismatch(self.expected, statements, self.block.database, " in the block"))
 
 
 class _Block(QueryList):

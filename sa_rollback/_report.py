@@ -109,15 +109,14 @@ class RunReport:
         return self.server + self.template + self.clones
 
     def line(self) -> str:
-        tests = "1 test" if self.tests == 1 else f"{self.tests} tests"
-        dbs = "1 database" if len(self.databases) == 1 else f"{len(self.databases)} databases"
         total = self.setup + self.rollback + self.provisioning
         over = f", summed over {self.processes} processes" if self.processes > 1 else ""
         return (
-            f"sa_rollback: {tests} isolated on {dbs}; {self.savepoints} savepoints, {self.round_trips} round "
-            f"trips of its own; {total:.2f} s in isolation (set-up {self.setup:.2f} s, rollback "
-            f"{self.rollback:.2f} s, provisioning {self.provisioning:.2f} s); at most {self.peak} server "
-            f"connection{'' if self.peak == 1 else 's'} at once{over}"
+            f"sa_rollback: {_plural(self.tests, 'test')} isolated on {_plural(len(self.databases), 'database')}; "
+            f"{_plural(self.savepoints, 'savepoint')}, {_plural(self.round_trips, 'round trip')} of its own; "
+            f"{total:.2f} s in isolation (set-up {self.setup:.2f} s, rollback {self.rollback:.2f} s, "
+            f"provisioning {self.provisioning:.2f} s); at most {_plural(self.peak, 'server connection')} "
+            f"at once{over}"
         )
 
     def table(self) -> list[str]:
@@ -146,6 +145,10 @@ class RunReport:
             for seconds, nodeid in sorted(self.slowest, reverse=True):
                 lines.append(f"    {seconds:.4f} s  {nodeid}")
         return lines
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def write(terminalreporter: Any, report: RunReport, verbose: bool) -> None:
@@ -204,5 +207,7 @@ def summary(terminalreporter: Any, config: pytest.Config, databases: Databases) 
     report = config.stash.get(report_key, None)
     if report is None or not config.stash[settings_key].report:
         return
+    if not report.tests and databases.planned_timings() is None and report.processes <= 1:
+        return  # nothing was isolated or provisioned (sa_rollback off, or no test used a database)
     report.collect(databases)
     write(terminalreporter, report, config.getoption("verbose") > 0)

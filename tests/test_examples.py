@@ -31,4 +31,4 @@ def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...], se
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "12 passed" in output, output
+    assert "13 passed" in output, output
