@@ -51,6 +51,7 @@ class RunReport:
         """``close`` (a test scope's), timed into the rollback figures."""
 
         def run() -> None:
+            __tracebackhide__ = True
             started = time.perf_counter()
             try:
                 close()

@@ -69,15 +69,17 @@ def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, driver: st
     return pytester
 
 
-def _round_trips(driver: str, writing_tests: int, processes: int) -> int:
-    """One rollback per writing test, one savepoint; psycopg2: a BEGIN per test but each process's first."""
-    begins = writing_tests - processes if driver == "psycopg2" else 0
-    return writing_tests + 1 + begins
-
-
-def _line(result: pytest.RunResult) -> str:
+def _line(result: pytest.RunResult, driver: str, isolated: int, databases: str, processes: int = 1) -> str:
+    """The report's line, checked up to the timings: one savepoint, and the round trips it implies."""
     lines = [line for line in result.stdout.lines if line.startswith("sa_rollback: ") and "isolated" in line]
     assert len(lines) == 1, result.stdout.str()
+    writing = isolated - 1  # all but test_no_database
+    # One rollback per writing test, one savepoint; psycopg2: a BEGIN per test but each process's first.
+    round_trips = writing + 1 + (writing - processes if driver == "psycopg2" else 0)
+    start = (
+        f"sa_rollback: {isolated} tests isolated on {databases}; 1 savepoint, {round_trips} round trips of its own; "
+    )
+    assert lines[0].startswith(start), lines[0]
     return lines[0]
 
 
@@ -85,13 +87,8 @@ def test_the_line_counts_tests_databases_savepoints_and_round_trips(inner: pytes
     inner.makepyfile(test_inner=TESTS.format(writers=3))
     result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema=sql:schema.sql", "--sa-rebuild=on")
     result.assert_outcomes(passed=6)
-    line = _line(result)
     # 5 tests isolated: the one marked enabled=False is not; the one that touches no database is.
-    expected = (
-        f"sa_rollback: 5 tests isolated on 1 database; 1 savepoint, {_round_trips(driver, 4, 1)} round trips "
-        "of its own; "
-    )
-    assert line.startswith(expected), line
+    line = _line(result, driver, 5, "1 database")
     assert re.search(r"s in isolation \(set-up \d+\.\d\d s, rollback \d+\.\d\d s, provisioning \d+\.\d\d s\)", line)
     # While the template is built: the janitor's admin connection and the build's own. The tests' connection
     # opens once they are closed.
@@ -130,13 +127,7 @@ def test_xdist_workers_add_up(inner: pytest.Pytester, driver: str) -> None:
         "-p", "no:cacheprovider", "--sa-schema=sql:schema.sql", "--sa-rebuild=on", "-n", "2"
     )
     result.assert_outcomes(passed=10)
-    line = _line(result)
-    # Each worker writes to its own clone: two databases.
-    expected = (
-        f"sa_rollback: 9 tests isolated on 2 databases; 1 savepoint, {_round_trips(driver, 8, 2)} round trips "
-        "of its own; "
-    )
-    assert line.startswith(expected), line
+    line = _line(result, driver, 9, "2 databases", processes=2)  # each worker writes to its own clone
     # The controller builds the template (two connections), each worker holds one at a time.
     assert line.endswith("at most 4 server connections at once, summed over 2 processes"), line
 
