@@ -15,7 +15,10 @@ sessions (psql, the application's own server, another run), which cannot be
 told apart from the test's, so it is not checked.
 
 Pool connections are known by their backend pid, read when the pool connects
-(a local libpq value, no round trip) and forgotten when it closes; those that
+(a local libpq value, no round trip), with a weak reference to the connection:
+they are forgotten when the pool closes them, or when they are closed or
+garbage collected without the pool knowing (an engine dropped undisposed), so
+that a dead one never hides a live outside connection from the count. Those that
 connected before the listener was installed are looked for only when a
 backend is not known otherwise.
 """
@@ -23,6 +26,7 @@ backend is not known otherwise.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any, Callable, Optional
 
 from ._sqla import pooled_connections
@@ -83,8 +87,8 @@ class Outside:
         self.watched: Optional[Callable[[], Any]] = None
         #: how to turn the check off, named by the error (the plugin names its settings)
         self.hint = "stop watching with Outside.watch(None)"
-        #: backend pids of connections this process's SQLAlchemy pools opened, and their databases
-        self.own: dict[int, str] = {}
+        #: backend pids of connections this process's SQLAlchemy pools opened: their database and connection
+        self.own: dict[int, tuple[str, Callable[[], Any]]] = {}
         #: the oid of each watched database, learnt from the first count
         self._oids: dict[str, int] = {}
         #: (pid, backend_start) of backends already reported: one report each, to the test that left it
@@ -119,7 +123,11 @@ class Outside:
     def _learn(self, dbapi_connection: Any, info: Optional[dict[Any, Any]] = None) -> None:
         pid = backend_pid(dbapi_connection)
         if pid is not None:
-            self.own[pid] = _dbname(dbapi_connection)
+            try:
+                ref: Callable[[], Any] = weakref.ref(dbapi_connection)
+            except TypeError:  # a driver whose connections take no weak reference: kept until closed
+                ref = lambda: dbapi_connection  # noqa: E731
+            self.own[pid] = (_dbname(dbapi_connection), ref)
             if info is not None:
                 info[_PID_INFO] = pid
 
@@ -155,7 +163,18 @@ class Outside:
             # snapshot restored under this name). Learn it again next time.
             self._oids.pop(database, None)
             return False
-        return count > sum(1 for name in list(self.own.values()) if name == database)
+        return count > self._own_on(database)
+
+    def _own_on(self, database: str) -> int:
+        """How many of our pool connections to ``database`` are still open; forget the others."""
+        alive = 0
+        for pid, (name, ref) in list(self.own.items()):
+            conn = ref()
+            if conn is None or getattr(conn, "closed", False):
+                self.own.pop(pid, None)
+            elif name == database:
+                alive += 1
+        return alive
 
     @staticmethod
     def listing(in_transaction: bool) -> str:

@@ -261,8 +261,9 @@ class LogicalConnection(Logical):
         stmt = classify(sql)
         kind = stmt.kind
         phys = self.phys
-        if _queries.active is not None:  # sa_queries: the one read it costs when nobody asked
-            fn = _queries.active.record(sql, args, phys.key.dbname, fn)
+        recording = _queries.active  # sa_queries: the one read it costs when nobody asked
+        if recording is not None:
+            fn = recording.record(sql, args, phys.key.dbname, fn)
         scopes = phys.scopes
         top = scopes.top
         lock = phys.lock

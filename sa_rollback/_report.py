@@ -28,6 +28,21 @@ SLOWEST = 5
 WORKER_KEY = "sa_rollback_report"
 
 
+#: the figures that add up over processes
+_SUMMED = (
+    "tests",
+    "setup",
+    "rollback",
+    "savepoints",
+    "round_trips",
+    "peak",
+    "server",
+    "template",
+    "clones",
+    "clone_count",
+)
+
+
 @dataclass
 class RunReport:
     """One process's figures (or, in the xdist controller, every process's)."""
@@ -89,10 +104,8 @@ class RunReport:
 
     def merge(self, data: dict[str, Any]) -> None:
         """Add a worker's figures (its :meth:`as_dict`)."""
-        for name in ("tests", "setup", "rollback", "savepoints", "round_trips", "peak", "server", "template"):
+        for name in _SUMMED:
             setattr(self, name, getattr(self, name) + data.get(name, 0))
-        self.clones += data.get("clones", 0.0)
-        self.clone_count += data.get("clone_count", 0)
         self.processes += data.get("processes", 1)
         self.databases |= set(data.get("databases", ()))
         for seconds, nodeid in data.get("slowest", ()):
@@ -206,7 +219,8 @@ def node_down(node: Any) -> None:
 
 def summary(terminalreporter: Any, config: pytest.Config, databases: Databases) -> None:
     report = config.stash.get(report_key, None)
-    if report is None or not config.stash[settings_key].report:
+    settings = config.stash[settings_key]
+    if report is None or not (settings.report and settings.enabled):
         return
     if not report.tests and databases.planned_timings() is None and report.processes <= 1:
         return  # nothing was isolated or provisioned (sa_rollback off, or no test used a database)

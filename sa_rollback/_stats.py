@@ -27,10 +27,10 @@ class Stats:
 
     def reset(self) -> None:
         """Start counting afresh (a new pytest run in this process); connections still open stay counted."""
-        held = self._held
-        self.__init__()  # type: ignore[misc]
-        self._held = held
-        self.peak = len(held)
+        self.savepoints = 0
+        self.round_trips = 0
+        self.databases = set()
+        self.peak = len(self._held)
 
     def opened(self, connection: object, database: str = "") -> None:
         """A server connection of sa_rollback's own was opened (``database``: a shared one's)."""

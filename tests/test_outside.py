@@ -154,6 +154,38 @@ def test_nested_scopes_are_checked_too(inner: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*test_nested.py::test_inside_a_module_scope: 1 connection(s)*'nested_leak'*"])
 
 
+DROPPED_ENGINES = """
+import gc
+import os
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from conftest import HELD, dsn, write
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_an_engine_per_test_never_disposed(n):
+    engine = sa.create_engine(os.environ["INNER_URL"])
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO items (name) VALUES (:name)"), {"name": f"dropped {n}"})
+    del engine, conn
+    gc.collect()  # its pool's connection closes without the pool being told
+
+
+def test_leaks_after_them(sa_rollback_url):
+    write("after")
+    HELD.append(psycopg.connect(dsn(sa_rollback_url, "after_dropped_engines"), autocommit=True))
+"""
+
+
+def test_engines_dropped_undisposed_do_not_hide_a_leak(inner: pytest.Pytester) -> None:
+    inner.makepyfile(test_dropped=DROPPED_ENGINES)
+    result = run(inner)
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(["*test_dropped.py::test_leaks_after_them: 1 connection(s)*'after_dropped_engines'*"])
+
+
 @pytest.mark.parametrize("how", [("--sa-detect-outside=off",), ("-o", "sa_rollback_detect_outside=off")])
 def test_the_check_can_be_turned_off(inner: pytest.Pytester, how: tuple[str, ...]) -> None:
     inner.makepyfile(test_leaks=LEAKS)
