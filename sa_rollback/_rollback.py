@@ -123,7 +123,7 @@ _SETTLE = (0.01, 0.03, 0.1)
 def _report_outside(phys: Rollable, frame: Frame, rows: list[tuple[Any, ...]], top: bool) -> None:
     """More backends on the database than our own: list them (a second round trip, only then) and report."""
     database = phys.key.dbname
-    if not OUTSIDE.suspicious(database, rows):
+    if not rows or not OUTSIDE.suspicious(database, rows):
         return
     unknown = OUTSIDE.unknown(_listing(phys, top))
     for delay in _SETTLE:
