@@ -50,6 +50,8 @@ class Registry(ScopeSource, Protocol):
     """What adoption needs of the process-wide state."""
 
     adopted: list[LogicalConnection]
+    #: PostgreSQL's lock_timeout (ms) for the shared connection being made, else None
+    connecting_lock_timeout: Optional[int]
 
     def physical_for(
         self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None

@@ -7,6 +7,7 @@ costs a round trip, except :meth:`Driver.execute`.
 from __future__ import annotations
 
 import select
+import threading
 from typing import Any, Callable, NamedTuple, Optional
 
 from ._stats import STATS
@@ -47,12 +48,34 @@ class Driver:
         name: str,
         in_failed: type[Exception],
         runner: Callable[[Any, str], None],
-        fetcher: Callable[[Any, str], list[tuple[Any, ...]]],
+        fetcher: Optional[Callable[[Any, str], list[tuple[Any, ...]]]] = None,
     ):
         self.name = name
         self.in_failed_transaction = in_failed
         self._run = runner
         self._fetch = fetcher
+        #: can it return the rows of a multi-statement string's last statement (:meth:`fetch`)?
+        self.can_fetch = fetcher is not None
+
+    #: its connections belong to one event loop: one shared connection per (database, loop)
+    per_loop = False
+
+    def new_lock(self) -> Any:
+        """The lock of a shared connection: one thread at a time (async drivers: one task)."""
+        return threading.RLock()
+
+    def rollback(self, conn: Any) -> None:
+        """End the transaction; the next statement begins a new one."""
+        STATS.round_trips += 1
+        conn.rollback()
+
+    def restart(self, conn: Any) -> None:
+        """Roll the whole transaction back and go on in a new one (the frame stays open)."""
+        STATS.round_trips += 1
+        conn.rollback()
+
+    def note_failure(self, conn: Any) -> None:
+        """A statement on ``conn`` failed (for drivers that do not report an aborted transaction)."""
 
     def key(self, conn: Any) -> DatabaseKey:
         info = conn.info
@@ -67,7 +90,9 @@ class Driver:
         self._run(conn, sql)
 
     def fetch(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
-        """Like :meth:`execute`; the rows of the last statement."""
+        """Like :meth:`execute`; the rows of the last statement (only where :attr:`can_fetch`)."""
+        if self._fetch is None:
+            raise NotImplementedError(f"{self.name}: no rows from multi-statement strings")
         STATS.round_trips += 1
         return self._fetch(conn, sql)
 

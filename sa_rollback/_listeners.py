@@ -33,12 +33,13 @@ import weakref
 from typing import Any, Optional
 
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from ._adoption import Registry, note_checkout, note_existing
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
-from ._sqla import dialect_of, pool_of, reset_connection, stand_in
+from ._sqla import pool_of, reset_connection, stand_in
 
 _lock = threading.Lock()
 #: the process-wide state, once installed
@@ -52,13 +53,6 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
         note_checkout(connection_proxy, connection_record)
         return
     pool = pool_of(connection_proxy)
-    dialect = dialect_of(pool)
-    if dialect.is_async:
-        state.warn_once(
-            ("async", dialect.name),
-            "sa_rollback does not isolate async engines yet; their writes are real and outlive the test.",
-        )
-        return
     info = connection_record.info
     phys = state.physical_for(dbapi_connection, pool, info)
     if phys is None:
@@ -117,6 +111,24 @@ def _on_detach(dbapi_connection: Any, connection_record: Any) -> None:
         guard.detached = True
 
 
+def _on_do_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    # Only while the state makes a shared connection (rare: nothing on the checkout path).
+    assert _state is not None
+    millis = _state.connecting_lock_timeout
+    if millis is None:
+        return
+    # A statement that waits for a row lock held by another transaction of the test (a sync
+    # and an async engine on one database) would wait forever, and with it the event loop.
+    if dialect.driver == "asyncpg":
+        settings = dict(cparams.get("server_settings") or {})
+        settings.setdefault("lock_timeout", str(millis))
+        cparams["server_settings"] = settings
+    else:
+        options = str(cparams.get("options") or "")
+        if "lock_timeout" not in options:
+            cparams["options"] = f"{options} -c lock_timeout={millis}".strip()
+
+
 def install(state: Registry) -> None:
     """Register the listeners, acting on ``state`` (idempotent). Opening a scope calls this."""
     global _state
@@ -130,6 +142,7 @@ def install(state: Registry) -> None:
         event.listen(Pool, "reset", _on_reset)
         event.listen(Pool, "invalidate", _on_invalidate)
         event.listen(Pool, "detach", _on_detach)
+        event.listen(Engine, "do_connect", _on_do_connect)
         # Connections the application checked out before this point (while
         # a conftest was imported, say) never pass the checkout listener.
         note_existing()

@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import traceback
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .errors import LockTimeoutError
 
@@ -45,8 +45,9 @@ class SharedLock:
 
     __slots__ = ("describe", "raw", "report", "stuck")
 
-    def __init__(self, describe: str, report: Callable[[LockTimeoutError], None]) -> None:
-        self.raw = threading.RLock()
+    def __init__(self, describe: str, report: Callable[[LockTimeoutError], None], raw: Any = None) -> None:
+        #: a threading.RLock, or a task-aware lock for async connections (``_aio.TaskLock``)
+        self.raw = threading.RLock() if raw is None else raw
         #: what the lock guards, for messages ("the connection to db on host:port ...")
         self.describe = describe
         #: where an error goes that a worker thread would leave unnoticed
@@ -72,6 +73,9 @@ class SharedLock:
         self.raw.release()
 
     def timeout_error(self, timeout: float, waiting_for: str, report: bool = True) -> LockTimeoutError:
+        holder_of = getattr(self.raw, "holder", None)
+        if holder_of is not None:
+            return self._task_timeout_error(timeout, waiting_for, holder_of(), report)
         me = threading.current_thread()
         here = "".join(traceback.format_stack(sys._getframe(1))[-12:])  # noqa: SLF001  (stdlib)
         # The RLock knows its owner but only says so in its repr.
@@ -95,5 +99,17 @@ class SharedLock:
             f"Thread {me.name!r} waited here:\n{here}"
         )
         if report and not again:
+            self.report(error)
+        return error
+
+    def _task_timeout_error(self, timeout: float, waiting_for: str, holder: str, report: bool) -> LockTimeoutError:
+        error = LockTimeoutError(
+            f"Waited {timeout:g} s for {self.describe} {waiting_for}; it is held by {holder}. The tasks of "
+            "a test share one connection per database and event loop, which runs one statement at a "
+            "time; the holder's statement did not end, most likely because it waits for something only "
+            "another task can do (a lock held outside the test's transaction, an event, a queue). Let "
+            "that task finish first, or raise the lock timeout (--sa-lock-timeout) if it is merely slow."
+        )
+        if report:
             self.report(error)
         return error

@@ -165,6 +165,7 @@ class Logical:
         """A statement raised: note a dead connection or an aborted transaction."""
         phys = self.phys
         try:
+            phys.driver.note_failure(phys.conn)
             if phys.driver.closed(phys.conn):
                 phys.mark_lost(sys.exc_info()[1])
             elif phys.driver.status(phys.conn) == INERROR:

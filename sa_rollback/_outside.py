@@ -57,7 +57,8 @@ _PID_INFO = "sa_rollback.backend_pid"
 
 def _dbname(dbapi_connection: Any) -> str:
     for conn in (dbapi_connection, getattr(dbapi_connection, "driver_connection", None)):
-        name = getattr(getattr(conn, "info", None), "dbname", None)
+        name = getattr(getattr(conn, "info", None), "dbname", None)  # psycopg, psycopg2
+        name = name or getattr(getattr(conn, "_params", None), "database", None)  # asyncpg
         if name:
             return str(name)
     return ""

@@ -74,11 +74,12 @@ class Physical:
 
     def __init__(self, key: DatabaseKey, driver: Driver, conn: Any, record: Any, scopes: ScopeSource) -> None:
         self.key = key
+        self.slot: Any = key  # where the state keeps it: key, or (key, event loop) for async drivers
         self.driver = driver
         self.conn = conn
         self._record = record
         self.scopes = scopes
-        self.lock = SharedLock(f"the connection to {key.describe()}", scopes.report)
+        self.lock = SharedLock(f"the connection to {key.describe()}", scopes.report, driver.new_lock())
         self.stack = SavepointStack()
         self.frames: list[Frame] = []
         #: number of the latest write
@@ -196,8 +197,7 @@ class Physical:
 
     def _rollback_all(self) -> None:
         self._check_driver_free()
-        STATS.round_trips += 1
-        self.conn.rollback()
+        self.driver.restart(self.conn)
 
     # -- frames ---------------------------------------------------------------
 
@@ -250,7 +250,7 @@ class Physical:
         else:
             if self.driver.status(self.conn) != IDLE:
                 # Left over from a scope whose rollback failed half way.
-                self.conn.rollback()
+                self.driver.rollback(self.conn)
             if reset:
                 self._check_driver_free()
                 reset_sql = snapshot(self.driver.name, self.conn, begin=True)
@@ -417,7 +417,7 @@ class Physical:
         try:
             # psycopg2 still believes it is in a transaction and would run the
             # next statements in autocommit mode; a rollback resets that.
-            self.conn.rollback()
+            self.driver.rollback(self.conn)
         except Exception as exc:
             self.mark_lost(exc)
         frames = self.frames

@@ -142,9 +142,12 @@ class LogicalConnection(Logical):
         self._t.explicit_block = False
 
     def set_isolation_level(self, level: Any) -> None:
-        """Recorded, not applied. psycopg2's level 0 means autocommit."""
-        if self.phys.driver.name == "psycopg2":
+        """Recorded, not applied. psycopg2's level 0, and asyncpg's "autocommit", mean autocommit."""
+        name = self.phys.driver.name
+        if name == "psycopg2":
             self._set_autocommit(level == 0)
+        elif name == "asyncpg":
+            self._set_autocommit(level == "autocommit")
         self._settings["isolation_level"] = level
 
     # psycopg 3's method forms of the attributes

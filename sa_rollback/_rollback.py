@@ -43,7 +43,8 @@ class Rollable(Protocol):
 def rollback_frame(phys: Rollable, frame: Frame, check: bool) -> None:
     """Roll back to the frame's base, checking deferred constraints first when asked."""
     base = frame.base
-    probe = OUTSIDE.probe(phys.key.dbname, in_transaction=not base.is_start)
+    # Drivers that cannot return the rows of a multi-statement string (the async ones) are not checked.
+    probe = OUTSIDE.probe(phys.key.dbname, in_transaction=not base.is_start) if phys.driver.can_fetch else ""
     if base.is_start and frame.reset_sql:
         _rollback_outer_restoring(phys, frame, check, probe)
         return
@@ -98,7 +99,7 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
         phys.stack.clear()
         if phys.driver.closed(phys.conn):
             raise
-        phys.conn.rollback()
+        phys.driver.rollback(phys.conn)
         phys.execute(after)
         if check:
             raise deferred_error(phys, frame, exc) from exc
@@ -140,7 +141,7 @@ def _report_outside(phys: Rollable, frame: Frame, rows: list[tuple[Any, ...]], t
 def _listing(phys: Rollable, top: bool) -> list[tuple[Any, ...]]:
     rows = phys.fetch(OUTSIDE.listing(in_transaction=not top))
     if top and phys.driver.status(phys.conn) != IDLE:
-        phys.conn.rollback()  # psycopg 3 began a transaction for the listing
+        phys.driver.rollback(phys.conn)  # psycopg 3 began a transaction for the listing
     return rows
 
 

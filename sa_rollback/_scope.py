@@ -11,6 +11,7 @@ from typing import Optional
 from ._adoption import adopt_noted, release_adopted
 from ._listeners import install as install_listeners
 from ._physical import Physical
+from ._sqla import greenlet_spawn
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackError
 
@@ -122,7 +123,9 @@ class RollbackScope:
                     ("split", key, okey),
                     f"Connections to {key.describe()} and {okey.describe()} use different drivers "
                     "or roles, so they get separate transactions: neither sees what the other wrote "
-                    "in a test, and they can block on each other's row locks.",
+                    "in a test, and they can block on each other's row locks. Use one engine for both: "
+                    "sync helpers of an async app can run on the async engine's connection through "
+                    "'await session.run_sync(fn)' or 'await connection.run_sync(fn)'.",
                 )
         self._physicals.append(phys)
 
@@ -147,6 +150,22 @@ class RollbackScope:
         tb: Optional[TracebackType],
     ) -> None:
         self.close(raise_errors=exc is None)
+
+    async def __aenter__(self) -> RollbackScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        # Inside SQLAlchemy's greenlet, the async connections' rollback can be awaited.
+        await greenlet_spawn(self.close, raise_errors=exc is None)
+
+    async def aclose(self, raise_errors: bool = True) -> None:
+        """Roll back and leave the scope from a coroutine (what ``__aexit__`` does)."""
+        await greenlet_spawn(self.close, raise_errors=raise_errors)
 
     def close(self, raise_errors: bool = True) -> None:
         """Roll back and leave the scope (what ``__exit__`` does).

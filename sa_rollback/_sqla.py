@@ -44,6 +44,31 @@ _problem = version_problem(sqlalchemy.__version__)
 if _problem is not None:
     raise ImportError(_problem)
 
+
+def in_greenlet() -> bool:
+    """Does the caller run inside SQLAlchemy's asyncio greenlet, where :func:`await_` works?"""
+    try:
+        import greenlet
+    except ImportError:
+        return False
+    return bool(getattr(greenlet.getcurrent(), "__sqlalchemy_greenlet_provider__", False))
+
+
+def await_(awaitable: Any) -> Any:
+    """Wait for ``awaitable`` inside SQLAlchemy's greenlet (``await_only`` on 2.0, ``await_`` on 2.1)."""
+    from sqlalchemy.util import concurrency
+
+    wait = getattr(concurrency, "await_", None) or concurrency.await_only
+    return wait(awaitable)
+
+
+async def greenlet_spawn(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run sync ``fn`` in SQLAlchemy's greenlet, where it may wait for async connections."""
+    from sqlalchemy.util import concurrency
+
+    return await concurrency.greenlet_spawn(fn, *args, **kwargs)
+
+
 #: the pool's checkout proxy: what ``Connection.connection`` and ``engine.raw_connection()`` return
 Fairy = _ConnectionFairy
 

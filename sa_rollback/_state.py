@@ -11,16 +11,19 @@ makes get it as their :class:`~._physical.ScopeSource`.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
+from ._aio import AsyncDriver, async_driver_for, before_close
 from ._drivers import DatabaseKey, Driver, driver_for
 from ._history import ScopeLike
 from ._physical import Physical
-from ._sqla import dialect_of, private_record
+from ._sqla import await_, dialect_of, private_record
 from .errors import SaRollbackError, SaRollbackWarning, ScopeError
 
 #: key, in a pool record's info dict, of (its DBAPI connection, driver, database key)
@@ -38,12 +41,17 @@ class State:
         #: the lock timeout of scopes that do not set one (the plugin sets it from its settings)
         self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         self.scopes: list[ScopeLike] = []
-        self.physicals: dict[DatabaseKey, Physical] = {}
+        #: by database key, and for async drivers by (database key, event loop)
+        self.physicals: dict[Any, Physical] = {}
         #: logical connections standing in for connections lent before the scope opened (see _adoption)
         self.adopted: list[Any] = []
         self._lock = threading.Lock()
         self._numbers = 0
         self._warned: set[Any] = set()
+        #: while a shared connection is being made: its PostgreSQL lock_timeout, in ms
+        self.connecting_lock_timeout: Optional[int] = None
+        #: async shared connections being made: slot -> done when made (or failed)
+        self._connecting: dict[Any, asyncio.Future[None]] = {}
 
     def push(self, scope: ScopeLike) -> None:
         with self._lock:
@@ -110,50 +118,121 @@ class State:
                 return None
             if info is not None:
                 info[_KEY_INFO] = (dbapi_connection, driver, key)
+        if driver.per_loop:
+            return self._physical((key, asyncio.get_running_loop()), driver, dbapi_connection, pool)
         return self._physical(key, driver, dbapi_connection, pool)
 
     def _identify(self, dbapi_connection: Any, pool: Any) -> tuple[Optional[Driver], Optional[DatabaseKey]]:
-        driver = driver_for(dbapi_connection)
+        driver = driver_for(dbapi_connection) or async_driver_for(dbapi_connection)
         if driver is None:
             dialect = dialect_of(pool)
             name = f"{getattr(dialect, 'name', '?')}+{getattr(dialect, 'driver', '?')}"
             self.warn_once(
                 ("driver", name),
                 f"sa_rollback does not isolate connections of dialect {name!r}: only PostgreSQL "
-                "through psycopg2 or psycopg (3), synchronous engines, is supported. Writes "
+                "through psycopg2, psycopg (3) or asyncpg is supported. Writes "
                 "through it are real and outlive the test.",
             )
             return None, None
         return driver, driver.key(dbapi_connection)
 
-    def _physical(self, key: DatabaseKey, driver: Driver, dbapi_connection: Any, pool: Any) -> Optional[Physical]:
-        phys = self.physicals.get(key)
+    def _physical(self, slot: Any, driver: Driver, dbapi_connection: Any, pool: Any) -> Optional[Physical]:
+        phys = self.physicals.get(slot)
         if phys is not None and phys.usable():
             return phys
+        if driver.per_loop:
+            return self._loop_physical(slot, driver, pool)
         with self._lock:
-            phys = self.physicals.get(key)
+            phys = self.physicals.get(slot)
             if phys is not None and phys.usable():
                 return phys
-            if phys is not None:
-                # It died; whatever it held is gone. Start over on a new one.
-                del self.physicals[key]
-                phys.close()
-            # A record of the application's own pool gives a connection set up
-            # exactly like the application's (dialect on_connect hooks, user
-            # "connect" listeners), yet it never enters that pool's queue.
+            return self._make(slot, driver, pool)
+
+    def _make(self, slot: Any, driver: Driver, pool: Any) -> Physical:
+        phys = self.physicals.pop(slot, None)
+        if phys is not None:
+            # It died; whatever it held is gone. Start over on a new one.
+            self._close(phys)
+        # A record of the application's own pool gives a connection set up
+        # exactly like the application's (dialect on_connect hooks, user
+        # "connect" listeners), yet it never enters that pool's queue.
+        # PostgreSQL's limit is INT_MAX ms; beyond it, waiting forever is what was asked.
+        if math.isfinite(self.lock_timeout) and self.lock_timeout * 1000 < 2**31 - 1:
+            self.connecting_lock_timeout = max(1, int(self.lock_timeout * 1000))
+        try:
             record = private_record(pool)
-            conn = record.dbapi_connection
-            driver.make_physical(conn)
-            phys = Physical(key, driver, conn, record, self)
-            self.physicals[key] = phys
-            return phys
+        finally:
+            self.connecting_lock_timeout = None
+        conn = record.dbapi_connection
+        driver.make_physical(conn)
+        phys = Physical(slot[0] if driver.per_loop else slot, driver, conn, record, self)
+        phys.slot = slot
+        self.physicals[slot] = phys
+        return phys
+
+    def _loop_physical(self, slot: Any, driver: Driver, pool: Any) -> Physical:
+        """The shared connection of an async driver on the running loop, made once however many tasks ask.
+
+        Connecting awaits, so other tasks of the loop run meanwhile; they wait
+        for the first one's connection instead of taking a thread lock, which
+        would block the loop that the connection needs.
+        """
+        while True:
+            pending = self._connecting.get(slot)
+            if pending is None:
+                break
+            await_(asyncio.shield(pending))
+            phys = self.physicals.get(slot)
+            if phys is not None and phys.usable():
+                return phys
+        loop = slot[1]
+        done: asyncio.Future[None] = loop.create_future()
+        self._connecting[slot] = done
+        try:
+            phys = self._make(slot, driver, pool)
+        finally:
+            del self._connecting[slot]
+            done.set_result(None)
+        before_close(loop, lambda: self._retire(phys))
+        return phys
+
+    def _retire(self, phys: Physical) -> None:
+        """The event loop of an async shared connection closes: roll back what it holds, and close it.
+
+        Its frames belong to scopes that may still be open (pytest-asyncio
+        closes a test's loop before the test's scope ends); their statements
+        could not run on it any more. A deferred-constraint error goes to the
+        scope, which raises it when it closes.
+        """
+        with self._lock:
+            if self.physicals.get(phys.slot) is phys:
+                del self.physicals[phys.slot]
+        if phys.frames:
+            try:
+                phys.close_frame(phys.frames[0].scope)
+            except SaRollbackError as error:
+                self.report(error)
+            except Exception:
+                pass
+        self._close(phys)
+
+    @staticmethod
+    def _close(phys: Physical) -> None:
+        driver = phys.driver
+        if isinstance(driver, AsyncDriver):
+            try:
+                driver.close_connection(phys.conn)
+            except Exception:
+                pass
+            return
+        phys.close()
 
     def discard(self, phys: Physical) -> None:
         """Forget a physical connection that died or cannot be trusted; the next checkout makes a new one."""
         with self._lock:
-            if self.physicals.get(phys.key) is phys:
-                del self.physicals[phys.key]
-        phys.close()
+            if self.physicals.get(phys.slot) is phys:
+                del self.physicals[phys.slot]
+        self._close(phys)
 
     def close_all(self) -> None:
         """Close every physical connection (end of the run, or before dropping a database)."""
@@ -161,7 +240,7 @@ class State:
             physicals = list(self.physicals.values())
             self.physicals.clear()
         for phys in physicals:
-            phys.close()
+            self._close(phys)
 
 
 STATE = State()

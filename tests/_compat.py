@@ -19,6 +19,8 @@ SA14 = SA_LINE < (2, 0)
 
 #: the DBAPI drivers under test: SQLAlchemy 1.4 has no dialect for psycopg 3
 DRIVERS: tuple[str, ...] = ("psycopg2",) if SA14 else ("psycopg2", "psycopg")
+#: the async drivers under test (the semantics suite runs its sync bodies on them, in SQLAlchemy's greenlet)
+ASYNC_DRIVERS: tuple[str, ...] = () if SA14 else ("asyncpg", "psycopg_async")
 
 
 def needs_sqlalchemy_2(reason: str) -> pytest.MarkDecorator:
@@ -27,7 +29,15 @@ def needs_sqlalchemy_2(reason: str) -> pytest.MarkDecorator:
 
 
 def create_engine(url: Any, **kwargs: Any) -> Any:
-    """``sa.create_engine``, in 2.0 style on every line ("future" mode on 1.4)."""
+    """``sa.create_engine``, in 2.0 style on every line ("future" mode on 1.4).
+
+    For an async driver, the sync face of an async engine (``AsyncEngine.sync_engine``):
+    what ``AsyncSession`` and ``AsyncConnection`` drive, usable inside SQLAlchemy's greenlet.
+    """
+    if str(url).split("://")[0] in ("postgresql+asyncpg", "postgresql+psycopg_async"):
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        return create_async_engine(url, **kwargs).sync_engine
     if SA14:
         kwargs.setdefault("future", True)
     return sa.create_engine(url, **kwargs)

@@ -27,6 +27,7 @@ Nothing here connects at import time: ``tests/unit`` runs without a server
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -47,6 +48,9 @@ from sa_rollback._state import STATE
 from . import _compat
 
 DRIVERS = _compat.DRIVERS
+ASYNC_DRIVERS = _compat.ASYNC_DRIVERS
+#: the event loop that runs an async-driver test's body (see pytest_pyfunc_call)
+LOOP = pytest.StashKey[asyncio.AbstractEventLoop]()
 
 #: the run id, shared by every process of one run through the environment
 RUN_ENV = "SA_ROLLBACK_SELFTEST_RUN"
@@ -317,15 +321,39 @@ def driver(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def url(driver: str) -> str:
+def url(driver: str, request: pytest.FixtureRequest) -> str:
+    if driver in ASYNC_DRIVERS:
+        # The test's body runs on this loop, in SQLAlchemy's greenlet; it closes last.
+        loop = asyncio.new_event_loop()
+        request.node.stash[LOOP] = loop
+        request.addfinalizer(lambda: loop.close())  # looked up late: sa_rollback wraps close()
     return driver_url(driver)
 
 
 @pytest.fixture
-def engine(url: str) -> Iterator[sa.Engine]:
+def engine(url: str, request: pytest.FixtureRequest) -> Iterator[sa.Engine]:
     eng = _compat.create_engine(url)
     yield eng
-    eng.dispose()
+    loop = request.node.stash.get(LOOP, None)
+    if loop is None:
+        eng.dispose()
+    else:
+        from sqlalchemy.util.concurrency import greenlet_spawn
+
+        loop.run_until_complete(greenlet_spawn(eng.dispose))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Optional[bool]:
+    """Run a sync test body on an async driver the way AsyncSession.run_sync does: in SQLAlchemy's greenlet."""
+    loop = pyfuncitem.stash.get(LOOP, None)
+    if loop is None:
+        return None
+    from sqlalchemy.util.concurrency import greenlet_spawn
+
+    args = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    loop.run_until_complete(greenlet_spawn(pyfuncitem.obj, **args))
+    return True
 
 
 @pytest.fixture

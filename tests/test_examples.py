@@ -1,4 +1,4 @@
-"""The Flask example runs with zero configuration, serially and under xdist."""
+"""The examples run with zero database configuration, serially and under xdist."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "flask_app"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+#: each example, and how many tests it has
+COUNTS = {"flask_app": 13, "fastapi_app": 6}
 
 
 @pytest.fixture(scope="module")
@@ -18,12 +20,13 @@ def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("embedded_server")
 
 
+@pytest.mark.parametrize("example", sorted(COUNTS))
 @pytest.mark.parametrize("extra", [(), ("-n", "2")], ids=["serial", "xdist"])
-def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...], server_dir: Path) -> None:
+def test_example_passes_with_zero_configuration(example: str, extra: tuple[str, ...], server_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SA_ROLLBACK", "PYTEST_"))}
     env["SA_ROLLBACK_SERVER_DIR"] = str(server_dir)  # the suite never writes into the user's ~/.cache/sa_rollback
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", str(EXAMPLE), "-q", "-p", "no:cacheprovider", *extra],
+        [sys.executable, "-m", "pytest", str(EXAMPLES / example), "-q", "-p", "no:cacheprovider", *extra],
         env=env,
         capture_output=True,
         text=True,
@@ -31,4 +34,4 @@ def test_flask_example_passes_with_zero_configuration(extra: tuple[str, ...], se
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "13 passed" in output, output
+    assert f"{COUNTS[example]} passed" in output, output

@@ -69,16 +69,17 @@ def resolve_server(url: Optional[str], data_dir: Path) -> tuple[Server, Optional
         raise ConfigurationError(f"The database URL is not a valid SQLAlchemy URL: {exc}") from None
     if not parsed.drivername.startswith("postgresql"):
         raise ConfigurationError(f"sa_rollback needs PostgreSQL; the configured URL uses {parsed.drivername!r}.")
-    if parsed.drivername in _ASYNC_DRIVERS:
-        sync = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=True)
+    if parsed.drivername in _UNSUPPORTED_ASYNC:
         raise ConfigurationError(
-            f"The test database URL uses the async driver {parsed.drivername!r}, and sa_rollback does not "
-            "isolate async engines yet: their writes would be committed for real. Give sa_rollback the "
-            f"same database with a sync driver (for example {sync}), and test through sync engines and "
-            "sessions; or run the async tests with --sa-rollback=off against a database they may write to."
+            f"The test database URL uses the async driver {parsed.drivername!r}, which sa_rollback does not "
+            "isolate. Use postgresql+asyncpg or postgresql+psycopg (its async engines) instead."
         )
+    if parsed.drivername in _ASYNC_DRIVERS:
+        # sa_rollback's own connections (provisioning, clean-up) are sync: any installed sync driver.
+        parsed = parsed.set(drivername="postgresql")
     return Server(admin_url=parsed.set(database="postgres")), parsed.database
 
 
-#: PostgreSQL drivers of SQLAlchemy's asyncio extension
-_ASYNC_DRIVERS = ("postgresql+asyncpg", "postgresql+psycopg_async", "postgresql+aiopg")
+#: PostgreSQL drivers of SQLAlchemy's asyncio extension that sa_rollback isolates
+_ASYNC_DRIVERS = ("postgresql+asyncpg", "postgresql+psycopg_async")
+_UNSUPPORTED_ASYNC = ("postgresql+aiopg",)
