@@ -14,7 +14,7 @@ from typing import Any
 from .config import PLANS, URL_ENV, server_url, set_tag
 from .db import session_admin
 
-SECTIONS = ("matrix", "hotpath", "suites", "nodb", "provisioning")
+SECTIONS = ("matrix", "async", "hotpath", "suites", "nodb", "provisioning")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update-readme",
         action="store_true",
-        help="Also put results.md between the results markers of benchmarks/README.md",
+        help="Also put results.md between the results markers of benchmarks/README.md "
+        "(with --only async alone: between its async markers)",
     )
     parser.add_argument("--tag", default="", help="Put this word into the database names (concurrent runs)")
     parser.add_argument(
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLANS[args.mode or "full"]
     set_tag(args.tag)
     sections = ("hotpath",) if args.profile_hot_path else tuple(args.only or SECTIONS)
-    out = args.out or (RESULTS / "hot_path" if args.profile_hot_path else RESULTS)
+    # A single-section run writes beside the full run's results, not over them.
+    alone = "hot_path" if sections == ("hotpath",) else ("async" if sections == ("async",) else "")
+    out = args.out or (RESULTS / alone if alone else RESULTS)
     begin = time.perf_counter()
     # A plain SIGTERM would skip the finally blocks that drop the benchmark's databases.
     signal.signal(signal.SIGTERM, _terminate)
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from sa_rollback._state import STATE
 
     from . import hotpath, machine, measure, provisioning, suites
-    from .report import update_readme, write_all
+    from .report import ASYNC_MARKERS, RESULTS_MARKERS, update_readme, write_all
 
     results: dict[str, Any] = {
         "meta": {
@@ -79,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             # sa_rollback keeps one physical connection per database; close them before the drops.
             STATE.close_all()
+        if "async" in sections:
+            from . import aio
+
+            results["async"] = aio.run_async(admin, plan, progress)
         if "hotpath" in sections:
             results["hot_path"] = hotpath.run_hot_path(admin, plan, progress)
         if "nodb" in sections:
@@ -110,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_all(results, out):
         progress(f"wrote {path}")
     if args.update_readme:
-        progress(f"wrote {update_readme(out / 'results.md')}")
+        # The async section alone has its own place in benchmarks/README.md.
+        markers = ASYNC_MARKERS if alone == "async" else RESULTS_MARKERS
+        progress(f"wrote {update_readme(out / 'results.md', markers=markers)}")
     for target in results.get("targets", []):
         progress(f"target {'met' if target['met'] else 'MISSED'}: {target['target']}: {target['measured']}")
     return 0

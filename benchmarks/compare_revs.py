@@ -17,7 +17,9 @@ averaged over the rounds, for the wall time and for the worker's CPU time (which
 leaves out the network wait and the time other processes hold the CPU, so it
 shows a change to the statement path most precisely). Last, each worker counts
 the round trips of ``--count`` tests of each body from libpq's trace: the mean
-and the maximum, every test counted.
+and the maximum, every test counted. ``--pytest-nodb PAIRS`` adds pairs of
+pytest runs of 2000 tests that touch no database, with the plugin of each
+revision loaded.
 """
 
 from __future__ import annotations
@@ -166,6 +168,39 @@ def compare(
     return out
 
 
+def pytest_nodb(sources: tuple[Source, Source], tests: int, pairs: int, tmp: Path, progress: Any) -> dict[str, Any]:
+    """A pytest run of ``tests`` tests that touch no database, with the plugin, on each revision, alternating.
+
+    Each run imports the revision's copy of sa_rollback (first on ``PYTHONPATH``)
+    and reports the mean time of one test's whole protocol (setup, call,
+    teardown, with every hook and fixture of the plugin); B - A is taken
+    between the two runs of a pair, then averaged over the pairs.
+    """
+    from benchmarks.suites import _NODB_CONFTEST, _NODB_TESTS, _run_pytest
+
+    root = tmp / "nodb_suite"
+    root.mkdir()
+    (root / "pytest.ini").write_text("[pytest]\n")
+    (root / "conftest.py").write_text(_NODB_CONFTEST + '\npytest_plugins = ["sa_rollback"]\n')
+    (root / "test_nothing.py").write_text(_NODB_TESTS.format(n=tests))
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "SA_ROLLBACK"))}
+    means: dict[str, list[float]] = {"a": [], "b": []}
+    for pair in range(pairs):
+        for side in "ab" if pair % 2 == 0 else "ba":
+            source = sources["ab".index(side)]
+            env = dict(base, PYTHONPATH=str(source.path))
+            _, loop = _run_pytest(root, env, 0, ("-s", "-p", "no:logging"))
+            means[side].append(loop["mean_us"])
+        progress(f"pytest no-db pair {pair + 1}/{pairs}: A {means['a'][-1]:.1f} us, B {means['b'][-1]:.1f} us")
+    return {
+        "tests": tests,
+        "pairs": pairs,
+        "a_us": summary(means["a"]),
+        "b_us": summary(means["b"]),
+        "b_minus_a_us": paired(means["b"], means["a"])["diff"],
+    }
+
+
 def _fmt(stat: dict[str, Any], signed: bool = False) -> str:
     return f"{stat['mean']:{'+' if signed else ''}.1f} ± {stat['ci95']:.1f}"
 
@@ -193,6 +228,14 @@ def markdown(result: dict[str, Any]) -> str:
             *(f"{trips[s]['mean']:.2f} (max {trips[s]['max']})" for s in ("a", "b")),
         ]
         lines.append(f"| {body} | " + " | ".join(cells) + " |")
+    nodb = result.get("pytest_nodb")
+    if nodb:
+        lines += [
+            "",
+            f"pytest, {nodb['tests']} tests that touch no database, plugin loaded, `-s -p no:logging`, "
+            f"{nodb['pairs']} pairs of runs: mean test protocol A {_fmt(nodb['a_us'])} µs, B {_fmt(nodb['b_us'])} µs, "
+            f"B - A {_fmt(nodb['b_minus_a_us'], True)} µs.",
+        ]
     return "\n".join(lines)
 
 
@@ -285,6 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=30, help="Tests whose round trips are counted (default: 30)")
     parser.add_argument("--tag", default="cmp", help="Word in the database names (concurrent runs)")
     parser.add_argument("--json", type=Path, help="Also write the results to this file")
+    parser.add_argument(
+        "--pytest-nodb",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="Also run a pytest suite of 2000 tests that touch no database, with the plugin, on each "
+        "revision, for this many pairs of runs (default: 0, not run)",
+    )
     args = parser.parse_args(argv)
     bodies = tuple(b for b in args.bodies.split(",") if b)
     if not bodies or any(b not in ("write", "read", "nodb") for b in bodies):
@@ -308,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 workers.append(Worker(source, db_url, args.tables, args.driver, Path(tmp)))
                 progress(f"{side.upper()}: {source.label}: {workers[-1].info['sa_rollback']}")
             result = compare((workers[0], workers[1]), bodies, args.tests, args.rounds, args.count, progress)
+            if args.pytest_nodb:
+                result["pytest_nodb"] = pytest_nodb(sources, 2000, args.pytest_nodb, Path(tmp), progress)
         finally:
             for worker in workers:
                 worker.close()

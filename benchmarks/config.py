@@ -69,6 +69,13 @@ class Plan:
     hot_nodb_tests: int = 20000
     hot_profiled_pairs: int = 50
     psycopg2_counts: bool = True
+    #: async section: tables of the schema, tests per block, rounds of the cheap strategies' blocks, rounds
+    #: of every strategy's blocks (TRUNCATE's figures), tests whose round trips are counted
+    aio_tables: int = 5
+    aio_tests: int = 15
+    aio_rounds: int = 12
+    aio_costly_rounds: int = 6
+    aio_count: int = 10
     strategies: tuple[str, ...] = field(default=STRATEGIES)
 
 
@@ -119,6 +126,10 @@ PLANS: dict[str, Plan] = {
         hot_nodb_tests=2000,
         hot_profiled_pairs=20,
         psycopg2_counts=False,
+        aio_tests=10,
+        aio_rounds=6,
+        aio_costly_rounds=2,
+        aio_count=6,
     ),
     "smoke": Plan(
         mode="smoke",
@@ -145,6 +156,10 @@ PLANS: dict[str, Plan] = {
         hot_nodb_tests=200,
         hot_profiled_pairs=5,
         psycopg2_counts=False,
+        aio_tests=3,
+        aio_rounds=2,
+        aio_costly_rounds=2,
+        aio_count=3,
     ),
 }
 

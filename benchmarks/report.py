@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from .aio_report import aio_markdown, aio_targets
 from .config import BODIES, BODY_LABELS, LABELS, REFERENCES
 
 
@@ -110,6 +111,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": sar >= 0.9 * base,
             }
         )
+    out += aio_targets(results)
     return out
 
 
@@ -150,6 +152,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {size} | " + " | ".join(str(left[k]) for k in keys) + " |")
         lines.append("")
     lines += _round_trip_tables(results)
+    lines += aio_markdown(results)
     lines += _suite_table(results)
     lines += _hot_path_tables(results)
     lines += _nodb_table(results)
@@ -512,14 +515,16 @@ def write_all(results: dict[str, Any], out: Path) -> list[Path]:
 
 
 README = Path(__file__).resolve().parent / "README.md"
-_START, _END = "<!-- results:start -->", "<!-- results:end -->"
+RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+ASYNC_MARKERS = ("<!-- async-results:start -->", "<!-- async-results:end -->")
 
 
-def update_readme(results_md: Path, readme: Path = README) -> Path:
-    """Replace what stands between the README's results markers with ``results_md``, its headings one level down."""
+def update_readme(results_md: Path, readme: Path = README, markers: tuple[str, str] = RESULTS_MARKERS) -> Path:
+    """Replace what stands between the README's markers with ``results_md``, its headings one level down."""
+    start, end = markers
     text = readme.read_text()
-    head, rest = text.split(_START, 1)
-    _, tail = rest.split(_END, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     body = "\n".join("#" + line if line.startswith("#") else line for line in results_md.read_text().splitlines())
-    readme.write_text(f"{head}{_START}\n{body.strip()}\n{_END}{tail}")
+    readme.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
     return readme

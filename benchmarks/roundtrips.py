@@ -5,7 +5,16 @@ Pool ``connect`` listener, installed once, consults the active tracer),
 sa_rollback's physical connections, and the admin connection that clones
 databases. Each frontend ``Query`` message or ``Sync`` message is one round trip
 (psycopg sends ``Parse/Bind/Describe/Execute/Sync`` for a statement with
-parameters, ``Query`` for one without).
+parameters, ``Query`` for one without), and so is a ``Flush``, which asyncpg
+sends after ``Parse/Describe`` to prepare a statement and then waits for.
+
+Async engines: psycopg's ``AsyncConnection`` is traced by libpq like the sync
+one. asyncpg has no libpq: its connections are tapped at the socket instead
+(:class:`_AsyncpgTap`), which decodes the frontend messages the driver writes to
+its transport and writes them into a file in libpq's trace format, so that the
+same parser counts them. Each connection is tapped from its construction on,
+before the dialect's on-connect queries; only the start-up and authentication
+exchange, which comes before, is left out (it is counted as a new connection).
 """
 
 from __future__ import annotations
@@ -53,6 +62,78 @@ class _Traced:
     path: Path
     fd: int
     libpq: Any = None
+    tap: Any = None
+
+
+#: names of the frontend messages asyncpg sends, by type byte
+_FRONTEND = {
+    b"Q": "Query",
+    b"P": "Parse",
+    b"B": "Bind",
+    b"E": "Execute",
+    b"D": "Describe",
+    b"S": "Sync",
+    b"C": "Close",
+    b"H": "Flush",
+    b"X": "Terminate",
+    b"d": "CopyData",
+    b"c": "CopyDone",
+    b"f": "CopyFail",
+}
+
+
+def _cstrings(body: bytes, n: int) -> list[str]:
+    """The first ``n`` NUL-terminated strings of a message body, quoted as libpq's trace quotes them."""
+    out = []
+    for part in body.split(b"\0", n)[:n]:
+        out.append('"' + part.decode("utf-8", "replace").replace('"', '""') + '"')
+    return out
+
+
+class _AsyncpgTap:
+    """Decodes what an asyncpg connection writes to its socket into libpq-style trace lines."""
+
+    def __init__(self, conn: Any, fd: int):
+        self.fd = fd
+        self.transport = conn._transport  # asyncpg keeps the transport it writes to here
+        self._write = self.transport.write
+        self._writelines = self.transport.writelines
+        self._pending = b""
+        # Instance attributes shadow the transport class's methods, for this connection only.
+        self.transport.write = self.write
+        self.transport.writelines = self.writelines
+
+    def write(self, data: Any) -> None:
+        self.feed(bytes(data))
+        self._write(data)
+
+    def writelines(self, buffers: Any) -> None:
+        buffers = list(buffers)
+        for data in buffers:
+            self.feed(bytes(data))
+        self._writelines(buffers)
+
+    def feed(self, data: bytes) -> None:
+        buf = self._pending + data
+        pos = 0
+        lines = []
+        while len(buf) - pos >= 5:
+            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            if len(buf) - pos < 1 + length:
+                break
+            kind = buf[pos : pos + 1]
+            body = buf[pos + 5 : pos + 1 + length]
+            name = _FRONTEND.get(kind, f"Unknown{kind!r}")
+            args = _cstrings(body, {"Query": 1, "Parse": 2, "Bind": 2}.get(name, 0))
+            lines.append(f"F\t{length}\t{name}\t {' '.join(args)}\n")
+            pos += 1 + length
+        self._pending = buf[pos:]
+        if lines:
+            os.write(self.fd, "".join(lines).encode())
+
+    def detach(self) -> None:
+        for attr in ("write", "writelines"):
+            self.transport.__dict__.pop(attr, None)
 
 
 @dataclass
@@ -119,6 +200,12 @@ def parse_trace(text: str, prepared: dict[str, str] | None = None) -> tuple[int,
         elif kind == "Bind":
             names = _QUOTED.findall(rest)
             bound = names[1] if len(names) > 1 else ""
+        elif kind == "Flush":
+            # asyncpg prepares with Parse/Describe/Flush and waits for the answer: a round trip
+            # without a Sync. (libpq sends Flush only in pipeline mode, which nothing here uses.)
+            trips += 1
+            labels.append("(prepare) " + _label(parsed) if parsed is not None else "(flush)")
+            parsed = bound = None
         elif kind == "Sync":
             trips += 1
             if parsed is not None and bound is None:
@@ -141,11 +228,14 @@ class Tracer:
         self._pq2: Any = None
 
     def attach(self, conn: Any) -> None:
+        if type(conn).__name__.startswith("AsyncAdapt_"):
+            # SQLAlchemy's asyncio adapter: trace the driver's connection behind it.
+            conn = conn._connection
         if id(conn) in self._ids:
             return
         path = self.directory / f"conn{len(self._traced)}.trace"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
-        if isinstance(conn, psycopg.Connection):
+        if isinstance(conn, (psycopg.Connection, psycopg.AsyncConnection)):
             conn.pgconn.trace(fd)
             conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
             traced = _Traced(conn, path, fd)
@@ -159,6 +249,8 @@ class Tracer:
             self._pq2.PQtrace(conn.pgconn_ptr, stream)
             self._pq2.PQsetTraceFlags(conn.pgconn_ptr, 1)  # PQTRACE_SUPPRESS_TIMESTAMPS
             traced = _Traced(conn, path, fd, self._pq2)
+        elif type(conn).__module__.startswith("asyncpg"):
+            traced = _Traced(conn, path, fd, tap=_AsyncpgTap(conn, fd))
         else:
             os.close(fd)
             return
@@ -200,7 +292,9 @@ class Tracer:
         _LIBC.fflush(None)
         for traced in self._traced:
             try:
-                if traced.libpq is not None:
+                if traced.tap is not None:
+                    traced.tap.detach()
+                elif traced.libpq is not None:
                     if not traced.conn.closed:
                         traced.libpq.PQuntrace(traced.conn.pgconn_ptr)
                 else:
@@ -237,6 +331,27 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         _ACTIVE[-1].attach(dbapi_connection)
 
 
+def _tap_new_asyncpg_connections() -> Any:
+    """Attach every asyncpg connection as it is built, before any query runs on it; returns the undo."""
+    try:
+        from asyncpg.connection import Connection  # type: ignore[import-untyped]
+    except ImportError:
+        return lambda: None
+    original = Connection.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if _ACTIVE:
+            _ACTIVE[-1].attach(self)
+
+    Connection.__init__ = __init__
+
+    def undo() -> None:
+        Connection.__init__ = original
+
+    return undo
+
+
 @contextmanager
 def tracing(directory: Path) -> Iterator[Tracer]:
     """Trace every pool connection made inside the block, and whatever is attached by hand."""
@@ -246,8 +361,10 @@ def tracing(directory: Path) -> Iterator[Tracer]:
         _installed = True
     tracer = Tracer(directory)
     _ACTIVE.append(tracer)
+    untap = _tap_new_asyncpg_connections()
     try:
         yield tracer
     finally:
+        untap()
         _ACTIVE.remove(tracer)
         tracer.close()

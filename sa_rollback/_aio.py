@@ -31,9 +31,19 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Optional
 
-from ._drivers import IDLE, INERROR, INTRANS, DatabaseKey, Driver
+from ._drivers import IDLE, INERROR, INTRANS, DatabaseKey, Driver, driver_for
 from ._sqla import await_, in_greenlet
 from .errors import ConfigurationError
+
+
+class _Now:
+    """An awaitable that is done at once: awaiting it switches greenlets but never yields to the loop."""
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+NOW = _Now()
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
@@ -225,11 +235,12 @@ class AsyncDriver(Driver):
 
     def rollback_outer(self, conn: Any, check_deferred: bool, probe: str = "") -> list[tuple[Any, ...]]:
         # No probe: these drivers cannot fetch (can_fetch is False), so none is asked for.
+        forget = self.forget_prepared(conn)
         if not check_deferred:
-            self.execute(conn, "ROLLBACK")
+            self.execute(conn, forget + "ROLLBACK")
             return []
         try:
-            self.execute(conn, "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+            self.execute(conn, forget + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
         except BaseException:
             if not self.closed(conn):
                 self.execute(conn, "ROLLBACK")
@@ -308,24 +319,73 @@ class AsyncpgDriver(AsyncDriver):
         return int(conn._connection.get_server_pid())  # noqa: SLF001
 
 
-class PsycopgAsyncDriver(AsyncDriver):
+class _SyncView:
+    """Stands for the pool record of a shared connection made sync over an async one's libpq connection."""
+
+    def __init__(self, record: Any, conn: Any) -> None:
+        self.record = record  # keeps the async connection object alive as long as the libpq one
+        self.conn = conn
+
+    def close(self) -> None:
+        # The async connection closes with it: they share the libpq connection.
+        self.conn.close()
+        self.record = None
+
+
+class PsycopgAsyncDriver(Driver):
+    """psycopg 3's async mode: its checkouts share the sync psycopg connection of the database.
+
+    psycopg can put a sync ``Connection`` over the libpq connection of an
+    ``AsyncConnection``; both are one backend, in one transaction. So an async
+    engine's checkout joins the same shared connection as a sync engine's on
+    that database, and each sees what the other committed. Its statements run
+    through the sync connection: they block the event loop while they run,
+    which a test does not notice, and tasks then take turns without a
+    task-aware lock. No connection is tied to a loop.
+    """
+
+    async_facing = True
+
     def __init__(self, in_failed: type[Exception]) -> None:
-        super().__init__("psycopg-async", in_failed)
+        super().__init__("psycopg", in_failed, lambda conn, sql: None)
+
+    @staticmethod
+    def _aconn(conn: Any) -> Any:
+        return conn._connection  # noqa: SLF001  (the adapter's documented-by-use attribute)
 
     def key(self, conn: Any) -> DatabaseKey:
-        info = self.raw(conn).info
+        info = self._aconn(conn).info
         return DatabaseKey(self.name, str(info.host), str(info.port), str(info.dbname), str(info.user))
 
     def status(self, conn: Any) -> int:
-        return int(self.raw(conn).pgconn.transaction_status)
+        return int(self._aconn(conn).pgconn.transaction_status)
 
     @staticmethod
     def closed(conn: Any) -> bool:
-        return bool(conn._connection.closed)  # noqa: SLF001
+        return bool(conn.closed)
 
-    @staticmethod
-    def backend_pid(conn: Any) -> int:
-        return int(conn._connection.info.backend_pid)  # noqa: SLF001
+    def guard(self, conn: Any) -> tuple[Any, Any]:
+        # Setting the adapter's characteristics awaits; the pool's own connection is left as it is.
+        return (None, None)
+
+    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
+        pass
+
+    def physical_side(self, conn: Any, record: Any) -> tuple[Any, Any, Driver]:
+        import psycopg
+
+        aconn = self._aconn(conn)
+        sync = psycopg.Connection(aconn.pgconn)
+        try:
+            # The dialect configured its types (json, ranges, hstore) on the async connection.
+            from psycopg.adapt import AdaptersMap
+
+            sync._adapters = AdaptersMap(aconn.adapters)  # noqa: SLF001  (no public setter)
+        except Exception:
+            pass
+        driver = driver_for(sync)
+        assert driver is not None
+        return sync, _SyncView(record, sync), driver
 
 
 _cache: dict[type, Optional[Driver]] = {}

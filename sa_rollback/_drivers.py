@@ -59,6 +59,8 @@ class Driver:
 
     #: its connections belong to one event loop: one shared connection per (database, loop)
     per_loop = False
+    #: an async adapter whose checkouts run on a sync shared connection (psycopg async)
+    async_facing = False
 
     def new_lock(self) -> Any:
         """The lock of a shared connection: one thread at a time (async drivers: one task)."""
@@ -73,6 +75,10 @@ class Driver:
         """Roll the whole transaction back and go on in a new one (the frame stays open)."""
         STATS.round_trips += 1
         conn.rollback()
+
+    def physical_side(self, conn: Any, record: Any) -> tuple[Any, Any, Driver]:
+        """The connection, record and driver a shared connection uses, made from a pool record's connection."""
+        return conn, record, self
 
     def note_failure(self, conn: Any) -> None:
         """A statement on ``conn`` failed (for drivers that do not report an aborted transaction)."""
@@ -244,17 +250,7 @@ class _Psycopg3(Driver):
         check after it fails. The cache is private to psycopg (``_prepared``,
         3.1 to 3.3); without it, psycopg handles the ``ROLLBACK`` as before.
         """
-        manager = getattr(conn, "_prepared", None)
-        clear = getattr(manager, "clear", None)
-        if clear is None or not clear():
-            return ""  # nothing was prepared; the counts are forgotten
-        # clear() queued the DEALLOCATE ALL for after the next statement (3.2+: _to_flush, 3.1: _maint_commands).
-        for name in ("_to_flush", "_maint_commands"):
-            queue = getattr(manager, name, None)
-            if queue is not None:
-                queue.clear()
-                return "DEALLOCATE ALL; "
-        return ""
+        return forget_psycopg_prepared(conn)
 
     def make_physical(self, conn: Any) -> None:
         if conn.pgconn.transaction_status != IDLE:
@@ -263,6 +259,21 @@ class _Psycopg3(Driver):
         conn.isolation_level = None
         conn.read_only = None
         conn.deferrable = None
+
+
+def forget_psycopg_prepared(conn: Any) -> str:
+    """:meth:`_Psycopg3.forget_prepared` for a psycopg 3 connection, sync or async."""
+    manager = getattr(conn, "_prepared", None)
+    clear = getattr(manager, "clear", None)
+    if clear is None or not clear():
+        return ""  # nothing was prepared; the counts are forgotten
+    # clear() queued the DEALLOCATE ALL for after the next statement (3.2+: _to_flush, 3.1: _maint_commands).
+    for name in ("_to_flush", "_maint_commands"):
+        queue = getattr(manager, name, None)
+        if queue is not None:
+            queue.clear()
+            return "DEALLOCATE ALL; "
+    return ""
 
 
 def _run_psycopg2(conn: Any, sql: str) -> None:

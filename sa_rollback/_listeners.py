@@ -37,6 +37,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from ._adoption import Registry, note_checkout, note_existing
+from ._aio import async_driver_for
+from ._drivers import driver_for
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
 from ._sqla import pool_of, reset_connection, stand_in
@@ -61,8 +63,11 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     autocommit = driver.autocommit(dbapi_connection)
     guard: Optional[PoolConnectionGuard] = info.get(GUARD_KEY)
     if guard is None or guard.real is not dbapi_connection:
-        guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, driver)
+        # The pool's own connection may be another kind than the shared one (psycopg async).
+        own = driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
+        guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, own)
     logical = LogicalConnection(phys, state.next_number(), autocommit, guard)
+    logical.async_facing = guard.driver.async_facing
     guard.count += 1
     guard.checkouts.append((weakref.ref(connection_proxy), logical))
     stand_in(connection_proxy, logical)

@@ -12,12 +12,14 @@ from contextlib import contextmanager
 from typing import Any, Callable, Optional, Protocol
 
 from . import _queries
+from ._aio import NOW
 from ._classify import Kind, Statement, classify
 from ._drivers import IDLE
 from ._guard import PoolConnectionGuard
 from ._history import ScopeLike
 from ._logical import Logical
 from ._physical import Physical
+from ._sqla import await_
 from .errors import TransactionEscapeError, UnsupportedOperationError, caller_location
 
 
@@ -71,7 +73,7 @@ class Adopted(Protocol):
 class LogicalConnection(Logical):
     """A pool checkout inside a rollback scope: a DBAPI connection with its own transaction."""
 
-    __slots__ = ("_settings", "adoption", "guard")
+    __slots__ = ("_settings", "adoption", "async_facing", "guard")
 
     def __init__(self, phys: Physical, number: int, autocommit: bool, guard: Optional[PoolConnectionGuard] = None):
         super().__init__(phys, number, autocommit)
@@ -80,6 +82,8 @@ class LogicalConnection(Logical):
         self.guard = guard
         #: set when the pool lent the connection before the scope opened
         self.adoption: Optional[Adopted] = None
+        #: stands in for an async adapter on a sync shared connection (psycopg async)
+        self.async_facing = False
 
     # -- the DBAPI ------------------------------------------------------------
 
@@ -90,6 +94,10 @@ class LogicalConnection(Logical):
                 return early
         if self._ended:
             raise self._closed_error()
+        if self.async_facing:
+            # SQLAlchemy's async API requires an await in each statement; the sync
+            # connection has none. A done awaitable passes without letting other tasks in.
+            await_(NOW)
         phys = self.phys
         if phys.broken:
             # Fail at execute, with the statement, rather than here, where
@@ -463,6 +471,13 @@ class LogicalCursor:
 
     def close(self) -> None:
         self._cursor.close()
+
+    async def _async_soft_close(self) -> None:
+        # SQLAlchemy's async results call it; a sync cursor (psycopg async sharing the
+        # sync connection) has fetched its rows already.
+        inner = getattr(self._cursor, "_async_soft_close", None)
+        if inner is not None:
+            await inner()
 
     def __enter__(self) -> LogicalCursor:
         return self

@@ -19,7 +19,16 @@ import pytest
 from ._scope import RollbackScope
 from ._settings import Settings
 from ._state import STATE
-from .databases import Plan, Provisioned, drop_run_clones, prepare, provision, split_inputs, teardown
+from .databases import (
+    Plan,
+    Provisioned,
+    drop_run_clones,
+    prepare,
+    provision,
+    release_leases,
+    split_inputs,
+    teardown,
+)
 from .errors import SaRollbackError, SaRollbackWarning
 
 T = TypeVar("T")
@@ -60,6 +69,8 @@ class Databases:
             else (os.environ.get("SA_ROLLBACK_RUN_ID") or uuid.uuid4().hex[:8])
         )
         self.worker = worker_id(config)
+        #: an xdist worker whose controller holds the run's lease takes none of its own
+        self.controller_leases = bool(workerinput and workerinput.get("sa_rollback_lease"))
         self.provisioned: Optional[Provisioned] = None
         self._plan: Optional[Plan] = None
         self.builds: list[tuple[str, float]] = []
@@ -79,6 +90,7 @@ class Databases:
                     on_build=lambda name, seconds: self.builds.append((name, seconds)),
                     schema_inputs=split_inputs(settings.schema_inputs),
                     schema_dir=self.schema_dir(),
+                    lease=not self.controller_leases,
                 )
             )
         return self._plan
@@ -134,8 +146,19 @@ class Databases:
                 SaRollbackWarning(f"Dropping the workers' leftover test databases failed: {exc}"), stacklevel=2
             )
 
+    @property
+    def leased(self) -> bool:
+        """Whether this process holds the run's lease (it planned the run); its workers then need none."""
+        return self._plan is not None and not self.controller_leases
+
     def close(self) -> None:
         STATE.close_all()
+        try:
+            self._drop_own()
+        finally:
+            release_leases()
+
+    def _drop_own(self) -> None:
         if self.provisioned is not None:
             try:
                 teardown(self.provisioned)

@@ -28,6 +28,14 @@ class Option:
 
 
 def _default_cache_dir() -> str:
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # As root the embedded server runs as an unprivileged user, who must traverse every parent of
+        # its directory: /var/tmp is open to all and survives a reboot; root's home is closed.
+        import pwd
+        import tempfile
+
+        base = "/var/tmp" if os.path.isdir("/var/tmp") else tempfile.gettempdir()
+        return os.path.join(base, f"sa_rollback-{pwd.getpwuid(os.geteuid()).pw_name}")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "sa_rollback")
 

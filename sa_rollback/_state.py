@@ -163,7 +163,7 @@ class State:
             record = private_record(pool)
         finally:
             self.connecting_lock_timeout = None
-        conn = record.dbapi_connection
+        conn, record, driver = driver.physical_side(record.dbapi_connection, record)
         driver.make_physical(conn)
         phys = Physical(slot[0] if driver.per_loop else slot, driver, conn, record, self)
         phys.slot = slot

@@ -11,7 +11,7 @@ from typing import Any, Callable, Literal, Optional
 
 import pytest
 
-from . import _report
+from . import _report, _signals
 from ._run import Databases, databases_key, is_xdist_controller, mode_key, ranks_key, scope_key, settings_key
 from ._scope import RollbackScope, open_scopes, suspended
 from ._settings import OPTIONS, Option, Settings, resolve, switch
@@ -34,13 +34,14 @@ from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin modu
 
 
 class _XdistHooks:
-    """Registered only when pytest-xdist is active: hands the run id to every worker."""
+    """Registered only when pytest-xdist is active: hands the run id (and its lease) to every worker."""
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id = run_id
+    def __init__(self, databases: Databases) -> None:
+        self.databases = databases
 
     def pytest_configure_node(self, node: Any) -> None:
-        node.workerinput["sa_rollback_run"] = self.run_id
+        node.workerinput["sa_rollback_run"] = self.databases.run_id
+        node.workerinput["sa_rollback_lease"] = self.databases.leased
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         _report.node_down(node)
@@ -99,8 +100,9 @@ def pytest_configure(config: pytest.Config) -> None:
     databases = Databases(config, settings)
     config.stash[databases_key] = databases
     _report.configure(config, settings, databases)
+    config.stash[_signals.restore_key] = _signals.install()  # SIGTERM (a cancelled CI job) cleans up as Ctrl-C does
     if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(_XdistHooks(databases.run_id), "sa_rollback_xdist")
+        config.pluginmanager.register(_XdistHooks(databases), "sa_rollback_xdist")
     config.addinivalue_line(
         "markers",
         "sa_rollback(enabled=True, real_commits=False, reset_sequences=None): enabled=False lets this "
@@ -183,6 +185,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         databases.close()
     else:
         STATE.close_all()
+    restore = config.stash.get(_signals.restore_key, None)
+    if restore is not None:
+        restore()
 
 
 def _marker_args(

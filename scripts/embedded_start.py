@@ -4,9 +4,9 @@
     python scripts/embedded_start.py --reps 10
 
 Each sample is a fresh Python process that calls ``sa_rollback.databases.embedded_server``
-(importing the wheel, initdb when the directory is new, starting the server) and runs
+(finding the wheel's binaries, initdb when the directory is new, starting the server) and runs
 ``SELECT 1`` through the plugin's admin connection; the clock starts after SQLAlchemy and
-the plugin are imported (any test run pays for those) and before the wheel is.
+the plugin are imported (any test run pays for those).
 The process then exits, which stops the server (as the last process of a run does), so
 the next warm sample starts it again from its data directory. Prints the medians.
 """
@@ -49,6 +49,7 @@ def main() -> None:
     warm: list[float] = []
     for rep in range(reps):
         root = Path(tempfile.mkdtemp(prefix="sa_rollback_start_"))
+        root.chmod(0o755)  # as root, the server runs as an unprivileged user who must enter it
         try:
             cold.append(sample(root))
             warm.append(sample(root))

@@ -106,9 +106,12 @@ def _find_server() -> str:
         pass
     from pathlib import Path
 
+    from sa_rollback._settings import OPTIONS
     from sa_rollback.databases import embedded_server
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sa_rollback_selftest"
+    # Beside the plugin's default directory (as root under /var/tmp: the server's user must traverse it).
+    default = next(option.default for option in OPTIONS if option.field == "server_dir")
+    cache = Path(default).parent / "sa_rollback_selftest"
     server = embedded_server(cache)
     return server.admin_url.render_as_string(hide_password=False)
 

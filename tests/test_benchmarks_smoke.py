@@ -9,6 +9,7 @@ of the suite.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import math
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 TAG = f"smoke_{RUN_ID}"
 STRATEGIES = ("none", "recipe", "sa_rollback", "truncate", "drop_create", "template_db")
 BODIES = ("write", "read", "nodb")
+ASYNC_GROUPS = ("asyncpg/shared", "psycopg/shared", "asyncpg/fresh", "psycopg/fresh", "sync/sync")
+ASYNC_STRATEGIES = ("none", "recipe", "truncate", "sa_rollback")
 
 
 def _finite_positive(value: Any) -> bool:
@@ -62,7 +65,8 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pat
 def test_outputs_written(smoke: tuple[dict[str, Any], Path]) -> None:
     results, out = smoke
     text = (out / "results.md").read_text()
-    for heading in ("Per-test time", "Round trips per test", "Hot path", "Whole suite", "no database", "Provisioning"):
+    headings = ("Per-test time", "Round trips per test", "Async engines", "Hot path", "Whole suite", "no database")
+    for heading in (*headings, "Provisioning"):
         assert heading in text
     machine = results["meta"]["machine"]
     assert machine["nproc"] >= 1 and machine["postgresql"] and machine["sqlalchemy"]
@@ -118,6 +122,64 @@ def test_leftovers_show_what_isolates(smoke: tuple[dict[str, Any], Path]) -> Non
         assert left[key] == 0, key
 
 
+def test_async_rows_are_paired_and_counted(smoke: tuple[dict[str, Any], Path]) -> None:
+    results, _ = smoke
+    section = results["async"]
+    assert tuple(section["groups"]) == ASYNC_GROUPS
+    for name, group in section["groups"].items():
+        timing, trips = group["timing"], group["round_trips"]
+        for key in ASYNC_STRATEGIES:
+            entry = timing[key]
+            assert entry["rounds"] == section["rounds"] >= 2, (name, key)
+            for clock in ("wall_ms", "cpu_ms"):
+                assert _finite_positive(entry[clock]["mean"]), (name, key, clock)
+                assert entry[clock]["n"] == entry["rounds"]
+                for ref in ("none", "recipe", "sa_rollback"):
+                    if key != ref:
+                        assert math.isfinite(entry[f"vs_{ref}"][clock]["mean"]), (name, key, ref)
+            count = trips[key]
+            assert len(count["per_test"]) == count["tests"] == section["counted_tests"], (name, key)
+            assert all(isinstance(n, int) and n > 0 for n in count["per_test"]), (name, key)
+            # A loop per test gets a new connection per test, for every strategy; a shared loop none.
+            assert count["connections_opened_mean"] == (1 if group["style"] == "fresh" else 0), (name, key)
+        # Only the baseline leaks; the rows are cleaned after each group.
+        assert timing["rows_left"]["none"] > 0, name
+        assert all(timing["rows_left"][key] == 0 for key in ASYNC_STRATEGIES[1:]), name
+        statements = trips["sa_rollback"]["statements"]
+        assert statements[0] == "BEGIN" and any("INSERT" in s for s in statements), (name, statements)
+        assert "ROLLBACK" in statements[-1], (name, statements)
+    assert any("async overhead" in t["target"] for t in results["targets"])
+
+
+def test_asyncpg_tap_counts_what_the_driver_sends(tmp_path: Path) -> None:
+    """asyncpg has no libpq trace: the socket tap must see every round trip, a prepare's Flush included."""
+    asyncpg = pytest.importorskip("asyncpg")
+    from benchmarks.roundtrips import tracing
+
+    async def run() -> list[tuple[int, list[str]]]:
+        windows = []
+        with tracing(tmp_path) as tracer:
+            conn = await asyncpg.connect(libpq_dsn(make_url(ADMIN_URL).database or "postgres"))
+            try:
+                for step in (
+                    lambda: conn.execute("SELECT 1"),  # a simple query: one Query message
+                    lambda: conn.fetchval("SELECT $1::int + 1", 1),  # prepare (Flush), then bind and run (Sync)
+                    lambda: conn.fetchval("SELECT $1::int + 1", 2),  # the statement is cached: one Sync
+                ):
+                    mark = tracer.mark()
+                    await step()
+                    window = tracer.since(mark)
+                    windows.append((window.round_trips, window.statements))
+            finally:
+                await conn.close()
+        return windows
+
+    simple, first, cached = asyncio.run(run())
+    assert simple == (1, ["SELECT 1"])
+    assert first[0] == 2 and first[1][0].startswith("(prepare) SELECT $1::int + 1"), first
+    assert cached == (1, ["SELECT $1::int + 1"])
+
+
 def test_hot_path_is_measured_and_counted(smoke: tuple[dict[str, Any], Path]) -> None:
     results, _ = smoke
     hot = results["hot_path"]
@@ -141,6 +203,7 @@ def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
     out = tmp_path / "cmp.json"
     script = REPO / "benchmarks" / "compare_revs.py"
     options = ["--url", ADMIN_URL, "--tag", "smokecmp", "--rounds", "2", "--tests", "2", "--count", "6"]
+    options += ["--pytest-nodb", "1"]
     proc = subprocess.run(
         [sys.executable, str(script), str(REPO), str(REPO), *options, "--json", str(out)],
         cwd=tmp_path,
@@ -157,6 +220,9 @@ def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
         # The same code on both sides sends the same statements.
         assert entry["round_trips"]["a"]["per_test"] == entry["round_trips"]["b"]["per_test"]
         assert len(entry["round_trips"]["a"]["per_test"]) == 6 and entry["round_trips"]["a"]["min"] > 0
+    # The pytest-level comparison ran a suite of tests that touch no database on each side.
+    assert result["pytest_nodb"]["pairs"] == 1 and result["pytest_nodb"]["b_minus_a_us"]["n"] == 1
+    assert "pytest, 2000 tests that touch no database" in proc.stdout
     with psycopg.connect(libpq_dsn(make_url(ADMIN_URL).database or "postgres"), autocommit=True) as conn:
         left = conn.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s", ("sa\\_rollback\\_bench\\_smokecmp\\_%",)

@@ -26,6 +26,7 @@ from sa_rollback.databases import Janitor, Mark, clone_name, drop_dead_clones
 from sa_rollback.databases._names import HOSTNAME
 from sa_rollback.errors import DatabaseSetupError
 
+from ._servers import server_dir, server_processes
 from .conftest import ADMIN_URL, DRIVERS, libpq_dsn
 
 RUN = uuid.uuid4().hex[:8]
@@ -239,7 +240,9 @@ def test_a_clone_that_waits_for_sessions_on_its_template_says_who_they_are(inner
             while (
                 time.monotonic() < deadline
                 and not watcher.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE 'CREATE DATABASE%%' AND pid <> pg_backend_pid()"
+                    # This clone's statement only: other runs on the shared server create databases too.
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+                    (f"CREATE DATABASE%TEMPLATE%{BASE}%",),
                 ).fetchone()
             ):
                 time.sleep(0.05)
@@ -407,9 +410,15 @@ def test_role_without_createdb_gets_a_clear_error(inner: pytest.Pytester) -> Non
     result.stderr.fnmatch_lines(["*may not create databases*CREATEDB*"])
 
 
-def test_embedded_server_with_zero_configuration(inner: pytest.Pytester, monkeypatch, tmp_path_factory) -> None:
+def test_embedded_server_with_zero_configuration(inner: pytest.Pytester, monkeypatch) -> None:
     monkeypatch.delenv("SA_ROLLBACK_URL")
-    monkeypatch.setenv("SA_ROLLBACK_SERVER_DIR", str(tmp_path_factory.getbasetemp() / "embedded"))
+    with server_dir() as path:
+        monkeypatch.setenv("SA_ROLLBACK_SERVER_DIR", str(path))
+        run_zero_configuration(inner)
+        assert server_processes(path) == []  # stopped by the run's last process as it exited
+
+
+def run_zero_configuration(inner: pytest.Pytester) -> None:
     inner.makepyfile(
         test_zero="""
         import sqlalchemy as sa

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from . import _servers as servers
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 #: each example, and how many tests it has
@@ -15,9 +18,13 @@ COUNTS = {"flask_app": 13, "fastapi_app": 6}
 
 
 @pytest.fixture(scope="module")
-def server_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded server's data directory for this module: cold for the first run, warm for the next."""
-    return tmp_path_factory.mktemp("embedded_server")
+def server_dir() -> Iterator[Path]:
+    """The embedded server's data directory for this module: cold for the first run, warm for the next.
+
+    Not under pytest's tmp_path: as root the server's user must traverse the directory (see _servers).
+    """
+    with servers.server_dir() as path:
+        yield path
 
 
 @pytest.mark.parametrize("example", sorted(COUNTS))

@@ -19,6 +19,15 @@ from sqlalchemy.orm import Session
 import sa_rollback
 from sa_rollback._proxy import LogicalConnection
 
+#: asyncpg: SQLAlchemy's adapter keeps its own cache of prepared statements on the shared
+#: connection, which the rollback leaves as it is (found by the async benchmark; not fixed yet).
+ASYNCPG_KEEPS_PLANS = pytest.mark.xfail(
+    reason="asyncpg: a statement prepared against a table whose DDL the rollback undid stays in "
+    "SQLAlchemy's adapter cache and fails once in the next test (InvalidCachedStatementError)",
+    strict=True,
+)
+ALL_DRIVERS = ["psycopg2", "psycopg", "psycopg_async", pytest.param("asyncpg", marks=ASYNCPG_KEEPS_PLANS)]
+
 DEFERRED = """
 CREATE TABLE sar_parent (id int PRIMARY KEY);
 CREATE TABLE sar_child (parent_id int REFERENCES sar_parent DEFERRABLE INITIALLY DEFERRED);
@@ -44,6 +53,7 @@ def _prepare_against_altered_table(engine: sa.Engine, violate_deferred: bool) ->
             assert list(conn.exec_driver_sql("SELECT * FROM items").keys()) == ["id", "name", "qty", "sar_extra"]
 
 
+@pytest.mark.parametrize("driver", ALL_DRIVERS)
 @pytest.mark.parametrize("check_deferred", [True, False])
 def test_prepared_statement_does_not_outlive_rolled_back_ddl(engine: sa.Engine, check_deferred: bool) -> None:
     with sa_rollback.rollback_scope(check_deferred=check_deferred):
@@ -51,6 +61,7 @@ def test_prepared_statement_does_not_outlive_rolled_back_ddl(engine: sa.Engine, 
     _check_nothing_prepared(engine)
 
 
+@pytest.mark.parametrize("driver", ALL_DRIVERS)
 def test_prepared_statement_forgotten_when_the_deferred_check_fails(engine: sa.Engine) -> None:
     with pytest.raises(sa_rollback.DeferredConstraintError):
         with sa_rollback.rollback_scope():
@@ -59,7 +70,8 @@ def test_prepared_statement_forgotten_when_the_deferred_check_fails(engine: sa.E
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="psycopg traces libpq on Linux only")
-@pytest.mark.parametrize("driver", ["psycopg"])  # psycopg2 prepares nothing
+# psycopg2 prepares nothing; asyncpg has no libpq to trace (the async benchmark counts it at the socket)
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg_async"])
 def test_every_test_costs_the_same_round_trips(driver: str, engine: sa.Engine, tmp_path: Path) -> None:
     """Twelve ORM tests (insert, commit, select): 5 round trips each, also when a statement reaches psycopg's
     threshold of five runs on the shared connection, which happens every sixth test if the rollback does
@@ -76,7 +88,8 @@ def test_every_test_costs_the_same_round_trips(driver: str, engine: sa.Engine, t
         with engine.connect() as conn:
             logical = conn.connection.dbapi_connection
             assert isinstance(logical, LogicalConnection)
-            pgconn = logical.phys.conn.pgconn
+            # The async driver's shared connection is SQLAlchemy's adapter around psycopg's AsyncConnection.
+            pgconn = getattr(logical.phys.conn, "_connection", logical.phys.conn).pgconn
     trace = tmp_path / "trace"
     fd = os.open(trace, os.O_WRONLY | os.O_CREAT, 0o600)
     pgconn.trace(fd)

@@ -106,7 +106,7 @@ def test_many_commit_cycles_keep_the_savepoint_stack_short(engine: sa.Engine, dr
                 add(session, f"n{i}")
                 session.commit()
                 assert len(names(session)) == i + 1
-        key_driver = driver.replace("_", "-")  # the shared connection's name for psycopg_async
+        key_driver = {"psycopg_async": "psycopg"}.get(driver, driver)  # psycopg async shares the sync one
         (phys,) = [p for p in STATE.physicals.values() if (p.key.driver, p.key.dbname) == (key_driver, DB_A)]
         assert len(phys.stack) <= 2
 

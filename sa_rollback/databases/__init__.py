@@ -20,6 +20,7 @@
 
 from ._admin import AdminDriver, admin_driver, connect_params, safe_url
 from ._janitor import Janitor
+from ._lease import release_all as release_leases
 from ._listeners import POOLS, REDIRECT
 from ._names import MAX_IDENTIFIER_BYTES, MalformedMark, Mark, clone_name, shorten, snapshot_name, template_name
 from ._provision import (
@@ -59,6 +60,7 @@ __all__ = [
     "ensure_template",
     "prepare",
     "provision",
+    "release_leases",
     "resolve_server",
     "restore_snapshot",
     "safe_url",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 import warnings
@@ -31,6 +32,23 @@ def not_ours(name: str) -> DatabaseSetupError:
 _AUTH_FAILURES = ("password authentication failed", "no password supplied", "authentication failed", "role ")
 
 
+#: libpq's messages for SQLSTATE 53300: the server's max_connections, or a role's or database's CONNECTION LIMIT
+_NO_SLOTS = ("too many clients", "remaining connection slots", "too many connections")
+
+
+def budget() -> str:
+    """The connection arithmetic, with this run's worker count where xdist gives it."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    this_run = f" This run has {workers} workers." if workers else ""
+    return (
+        "Each test process (each xdist worker) holds about one connection per database it uses, and each run "
+        "one more for its lease, plus an admin connection while it creates or drops databases: shards x "
+        "(workers x databases + 1) must stay below max_connections (SHOW max_connections) and any CONNECTION "
+        f"LIMIT of the role or database, with room for other clients.{this_run} Lower -n, run fewer shards "
+        "at once, or raise the limit."
+    )
+
+
 def unreachable(url: URL, exc: BaseException, setting_hint: str) -> DatabaseSetupError:
     """Which server was tried, as whom, why it failed and which setting to change; no password.
 
@@ -48,6 +66,10 @@ def unreachable(url: URL, exc: BaseException, setting_hint: str) -> DatabaseSetu
     if fatal and "database" in fatal and "does not exist" in fatal:
         return DatabaseSetupError(
             f"PostgreSQL at {where} has no database {url.database!r} ({reason}). Create it, or change {setting_hint}."
+        )
+    if fatal and any(phrase in fatal for phrase in _NO_SLOTS):
+        return DatabaseSetupError(
+            f"PostgreSQL at {where} has no connection left for user {user} ({reason}). {budget()}"
         )
     if fatal and any(phrase in fatal for phrase in _AUTH_FAILURES):
         return DatabaseSetupError(

@@ -3,6 +3,11 @@
 The mark is the ``COMMENT ON DATABASE`` text: ``sa_rollback:<kind> key=value ...``.
 It alone says whether a database is the plugin's, whatever its name: names may
 be shortened with a hash, and a user may name a database of their own like ours.
+
+Clones and templates also record the host, the process, the time, and the
+run's lease: the key of the advisory lock every live run holds (``_lease``).
+Whether the owner is alive is decided by that lock alone, on any host; host
+and pid are for people reading the mark.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time as _time
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import quote, unquote
@@ -19,7 +25,8 @@ from ..errors import SaRollbackError
 PREFIX = "sa_rollback:"
 #: PostgreSQL keeps the first 63 bytes of an identifier and silently drops the rest
 MAX_IDENTIFIER_BYTES = 63
-HOSTNAME = socket.gethostname()
+#: the host recorded in marks; SA_ROLLBACK_HOSTNAME names it where hostnames repeat (containers)
+HOSTNAME = os.environ.get("SA_ROLLBACK_HOSTNAME") or socket.gethostname()
 
 #: the keys each kind must carry; other keys are kept but not required
 _REQUIRED = {
@@ -46,15 +53,30 @@ class Mark:
     state: Optional[str] = None
     host: Optional[str] = None
     pid: Optional[int] = None
+    #: when it was made (seconds since the epoch)
+    time: Optional[int] = None
+    #: the advisory lock key that the owning run holds while it lives (None: a mark of an earlier version)
+    lease: Optional[int] = None
 
     @classmethod
     def template(cls, base: str, fingerprint: str, run: str, ready: bool) -> Mark:
-        return cls("template", base=base, fp=fingerprint, run=run, state="ready" if ready else "building")
+        state = "ready" if ready else "building"
+        return cls(
+            "template", base=base, fp=fingerprint, run=run, state=state, time=int(_time.time()), lease=lease_key(run)
+        )
 
     @classmethod
     def clone(cls, base: str, run: str) -> Mark:
-        """A database of this process: it may be dropped once the process is gone."""
-        return cls("clone", base=base, run=run, host=HOSTNAME, pid=os.getpid())
+        """A database of this run: it may be dropped once the run's lease is free."""
+        return cls(
+            "clone",
+            base=base,
+            run=run,
+            host=HOSTNAME,
+            pid=os.getpid(),
+            time=int(_time.time()),
+            lease=lease_key(run),
+        )
 
     def render(self) -> str:
         # Values are percent-quoted so that a space in a database name or run id cannot
@@ -67,6 +89,8 @@ class Mark:
                 ("state", self.state),
                 ("host", self.host),
                 ("pid", self.pid),
+                ("time", self.time),
+                ("lease", self.lease),
                 ("base", self.base),
             )
             if value is not None
@@ -97,12 +121,14 @@ class Mark:
             raise MalformedMark(f"no {', '.join(missing)}")
         if kind == "template" and values["state"] not in _STATES:
             raise MalformedMark(f"unknown state {values['state']!r}")
-        pid: Optional[int] = None
-        if "pid" in values:
-            try:
-                pid = int(values["pid"])
-            except ValueError:
-                raise MalformedMark(f"pid {values['pid']!r} is not a number") from None
+        numbers: dict[str, Optional[int]] = {}
+        for key in ("pid", "time", "lease"):
+            numbers[key] = None
+            if key in values:
+                try:
+                    numbers[key] = int(values[key])
+                except ValueError:
+                    raise MalformedMark(f"{key} {values[key]!r} is not a number") from None
         return cls(
             kind,
             base=values.get("base"),
@@ -110,7 +136,9 @@ class Mark:
             run=values.get("run"),
             state=values.get("state"),
             host=values.get("host"),
-            pid=pid,
+            pid=numbers["pid"],
+            time=numbers["time"],
+            lease=numbers["lease"],
         )
 
     @property
@@ -123,6 +151,22 @@ class Mark:
         if self.base is not None:
             return self.base == base
         return name.startswith(base + infix)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this PID namespace has that pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lease_key(run: str) -> int:
+    """The advisory lock key of a run's lease: a signed 64-bit number taken from its id."""
+    return int.from_bytes(hashlib.sha256(f"sa_rollback run {run}".encode()).digest()[:8], "big", signed=True)
 
 
 def shorten(name: str, limit: int = MAX_IDENTIFIER_BYTES) -> str:

@@ -17,13 +17,16 @@ from typing import Callable, Optional
 from sqlalchemy.engine import URL, make_url
 
 from ._janitor import Janitor, not_ours
+from ._lease import hold, let_go, owner_gone, release_all
 from ._listeners import REDIRECT
-from ._names import HOSTNAME, Mark, clone_name, extra_name, template_name
+from ._names import HOSTNAME, Mark, clone_name, extra_name, pid_alive, template_name
 from ._schema import SchemaSource, existing, schema_source
 from ._server import Server, resolve_server
 
 #: the base database of the embedded server, where no database is configured
 EMBEDDED_BASE = "sa_rollback"
+#: templates of one base kept on the server (one per schema version: branches whose CI runs at once)
+KEEP_TEMPLATES = 3
 
 
 def ensure_empty_base(janitor: Janitor, base: str) -> None:
@@ -56,9 +59,7 @@ def ensure_template(
                 return name
             janitor.drop(name)
         # Templates of the same base built from older versions of the schema.
-        for other, mark in janitor.marked():
-            if mark.kind == "template" and other != name and mark.belongs_to(base, other, "_sar_tpl_"):
-                janitor.drop_if_unused(other)  # in use: a concurrent run on an older schema needs it
+        prune_templates(janitor, base, name)
         started = time.perf_counter()
         janitor.create(name, Mark.template(base, source.fingerprint, run_id, ready=False))
         try:
@@ -77,21 +78,58 @@ def ensure_template(
     return name
 
 
-def drop_dead_clones(janitor: Janitor, base: str) -> None:
-    """Drop clones of ``base`` left on the server by crashed processes of this host.
+def drop_dead_clones(janitor: Janitor, base: str) -> list[str]:
+    """Drop the clones left on the server by runs that are provably gone; their names.
 
-    They are found by their mark, whatever their name (a long name is shortened
-    with a hash). A clone whose process may still be alive is left alone.
+    A run is gone when nobody holds its lease (see :mod:`._lease`), which the
+    server answers for runs on any host. Clones are found by their mark,
+    whatever their name or base; a clone the role may not drop is left. Marks
+    of earlier versions carry no lease: those clones of ``base`` are dropped
+    only when their host is this one and their process is gone.
     """
+    dropped: list[str] = []
     for name, mark in janitor.marked():
-        if mark.kind != "clone" or mark.host != HOSTNAME or not mark.belongs_to(base, name, "_sar_"):
+        if mark.kind != "clone":
             continue
-        if mark.pid is None or mark.pid == os.getpid() or _alive(mark.pid):
+        if mark.lease is None:
+            if not mark.belongs_to(base, name, "_sar_") or mark.host != HOSTNAME:
+                continue
+            if mark.pid is None or mark.pid == os.getpid() or pid_alive(mark.pid):
+                continue
+        elif not owner_gone(janitor.conn, mark.lease):
             continue
         try:
-            janitor.drop(name)
+            if janitor.drop(name):
+                dropped.append(name)
         except Exception:
-            pass  # another process of this run is dropping it too
+            pass  # another run is dropping it too, or the role may not
+        finally:
+            if mark.lease is not None:
+                let_go(janitor.conn, mark.lease)
+    return dropped
+
+
+def prune_templates(janitor: Janitor, base: str, current: str, keep: int = KEEP_TEMPLATES) -> list[str]:
+    """Drop old templates of ``base`` (other schema versions); their names.
+
+    The newest ``keep`` (``current`` included) stay, and so does any template
+    that a session is connected to, or that a live run is still building.
+    """
+    others = [
+        (name, mark)
+        for name, mark in janitor.marked()
+        if mark.kind == "template" and name != current and mark.belongs_to(base, name, "_sar_tpl_")
+    ]
+    others.sort(key=lambda item: item[1].time or 0, reverse=True)
+    dropped: list[str] = []
+    for name, mark in others[max(keep - 1, 0) :]:
+        if mark.lease is not None and not mark.ready:
+            if not owner_gone(janitor.conn, mark.lease):
+                continue  # a live run is building it
+            let_go(janitor.conn, mark.lease)
+        if janitor.drop_if_unused(name):
+            dropped.append(name)
+    return dropped
 
 
 def drop_run_clones(plan: Plan, run_id: str) -> list[str]:
@@ -108,16 +146,6 @@ def drop_run_clones(plan: Plan, run_id: str) -> list[str]:
                 except Exception:
                     pass  # still in use, or gone meanwhile: the next run's sweep finds it
     return dropped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -177,11 +205,14 @@ def prepare(
     on_build: Optional[Callable[[str, float], None]] = None,
     schema_inputs: Sequence[str] = (),
     schema_dir: Optional[Path] = None,
+    lease: bool = True,
 ) -> Plan:
     """Start or find the server and build the template if needed; clone nothing.
 
     The xdist controller calls this before the workers start, so a failing
-    schema build is reported once, and the workers only clone.
+    schema build is reported once, and the workers only clone. With ``lease``,
+    this process holds the run's lease from here on (see :mod:`._lease`); a
+    worker whose controller holds it passes False.
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -189,6 +220,9 @@ def prepare(
     timings["server"] = time.perf_counter() - started
     hint = "--sa-url / SA_ROLLBACK_URL / the sa_rollback_url ini key" if url else "--sa-server-dir"
     with Janitor(server.admin_url, hint) as janitor:
+        if lease:
+            # Before any database of this run exists: a clone is never without its live lease.
+            hold(server.admin_url, run_id)
         source = schema_source(schema, schema_inputs, schema_dir)
         driver_url = make_url(url) if url else server.admin_url
         if configured is None:
@@ -229,11 +263,20 @@ def provision(plan: Plan, run_id: str, worker: str, notice: Optional[Callable[[s
 
 
 def teardown(provisioned: Provisioned) -> None:
-    """Drop this process's clone (the server keeps running until the last process exits)."""
+    """Drop this process's clone, let go of the run's lease, and leave the embedded server.
+
+    The embedded server stops here if this process was its last: an xdist
+    worker may be ended without running ``atexit``, and the server would then
+    be left to the watchdog.
+    """
     REDIRECT.clear()
-    owned = provisioned.owned()
-    if not owned:
-        return
-    with Janitor(provisioned.server.admin_url) as janitor:
-        for name in owned:
-            janitor.drop(name)
+    try:
+        owned = provisioned.owned()
+        if owned:
+            with Janitor(provisioned.server.admin_url) as janitor:
+                for name in owned:
+                    janitor.drop(name)
+    finally:
+        release_all()
+        if provisioned.server.embedded is not None:
+            provisioned.server.embedded.leave()

