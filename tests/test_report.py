@@ -90,14 +90,14 @@ def test_the_line_counts_tests_databases_savepoints_and_round_trips(inner: pytes
     # 5 tests isolated: the one marked enabled=False is not; the one that touches no database is.
     line = _line(result, driver, 5, "1 database")
     assert re.search(r"s in isolation \(set-up \d+\.\d\d s, rollback \d+\.\d\d s, provisioning \d+\.\d\d s\)", line)
-    # While the template is built: the janitor's admin connection and the build's own. The tests' connection
-    # opens once they are closed.
-    assert line.endswith("at most 2 server connections at once"), line
+    # While the template is built: the run's lease, the janitor's admin connection and the build's own. The
+    # tests' connection opens once the last two are closed.
+    assert line.endswith("at most 3 server connections at once"), line
 
 
 def test_verbose_gives_the_table_and_the_slowest_rollbacks(inner: pytest.Pytester) -> None:
     inner.makepyfile(test_inner=TESTS.format(writers=2))
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema=sql:schema.sql", "-v")
+    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema=sql:schema.sql", "--sa-rebuild=on", "-v")
     result.assert_outcomes(passed=5)
     result.stdout.fnmatch_lines(
         [
@@ -112,7 +112,7 @@ def test_verbose_gives_the_table_and_the_slowest_rollbacks(inner: pytest.Pyteste
             "  server * s  *",
             "  template * s  *",
             "  clones * s  1 made",
-            "  server connections, peak * 1",
+            "  server connections, peak * 3",  # the lease, the janitor and the template's build
             "  slowest to roll back:",
             "    0.* s  test_inner.py::*",
         ]
@@ -128,8 +128,8 @@ def test_xdist_workers_add_up(inner: pytest.Pytester, driver: str) -> None:
     )
     result.assert_outcomes(passed=10)
     line = _line(result, driver, 9, "2 databases", processes=2)  # each worker writes to its own clone
-    # The controller builds the template (two connections), each worker holds one at a time.
-    assert line.endswith("at most 4 server connections at once, summed over 2 processes"), line
+    # The controller holds the lease and builds the template (three connections); each worker holds one at a time.
+    assert line.endswith("at most 5 server connections at once, summed over 2 processes"), line
 
 
 @pytest.mark.parametrize("how", [("--sa-report=off",), ("-o", "sa_rollback_report=off")], ids=["flag", "ini"])
