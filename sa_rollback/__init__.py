@@ -10,6 +10,7 @@ or use the core without pytest::
         ...  # any SQLAlchemy engine, any session: rolled back at the end
 """
 
+from ._queries import Queries, Query, capture_queries
 from ._scope import RollbackScope, rollback_scope
 from ._settings import Settings
 from .errors import (
@@ -20,6 +21,8 @@ from .errors import (
     HeldConnectionError,
     InterleavedRollbackError,
     LockTimeoutError,
+    OutsideConnectionError,
+    QueryCountError,
     SaRollbackError,
     SaRollbackWarning,
     ScopeError,
@@ -41,6 +44,10 @@ __all__ = [
     "HeldConnectionError",
     "InterleavedRollbackError",
     "LockTimeoutError",
+    "OutsideConnectionError",
+    "Queries",
+    "Query",
+    "QueryCountError",
     "RollbackScope",
     "SaRollbackError",
     "SaRollbackWarning",
@@ -50,5 +57,6 @@ __all__ = [
     "TransactionEscapeError",
     "UnsupportedOperationError",
     "__version__",
+    "capture_queries",
     "rollback_scope",
 ]

@@ -233,17 +233,19 @@ class AsyncDriver(Driver):
     def restart(self, conn: Any) -> None:
         self.execute(conn, "ROLLBACK; BEGIN")
 
-    def rollback_outer(self, conn: Any, check_deferred: bool) -> None:
+    def rollback_outer(self, conn: Any, check_deferred: bool, probe: str = "") -> list[tuple[Any, ...]]:
+        # No probe: these drivers cannot fetch (can_fetch is False), so none is asked for.
         forget = self.forget_prepared(conn)
         if not check_deferred:
             self.execute(conn, forget + "ROLLBACK")
-            return
+            return []
         try:
             self.execute(conn, forget + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
         except BaseException:
             if not self.closed(conn):
                 self.execute(conn, "ROLLBACK")
             raise
+        return []
 
     def dead(self, conn: Any) -> bool:
         return self.closed(conn)

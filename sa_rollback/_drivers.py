@@ -10,6 +10,8 @@ import select
 import threading
 from typing import Any, Callable, NamedTuple, Optional
 
+from ._stats import STATS
+
 # libpq's PQtransactionStatus values; psycopg2 and psycopg 3 both report them.
 IDLE = 0
 ACTIVE = 1
@@ -46,10 +48,19 @@ class Driver:
     #: the exception raised for "current transaction is aborted"
     in_failed_transaction: type[Exception]
 
-    def __init__(self, name: str, in_failed: type[Exception], runner: Callable[[Any, str], None]):
+    def __init__(
+        self,
+        name: str,
+        in_failed: type[Exception],
+        runner: Callable[[Any, str], None],
+        fetcher: Optional[Callable[[Any, str], list[tuple[Any, ...]]]] = None,
+    ):
         self.name = name
         self.in_failed_transaction = in_failed
         self._run = runner
+        self._fetch = fetcher
+        #: can it return the rows of a multi-statement string's last statement (:meth:`fetch`)?
+        self.can_fetch = fetcher is not None
 
     #: its connections belong to one event loop: one shared connection per (database, loop)
     per_loop = False
@@ -62,10 +73,12 @@ class Driver:
 
     def rollback(self, conn: Any) -> None:
         """End the transaction; the next statement begins a new one."""
+        STATS.round_trips += 1
         conn.rollback()
 
     def restart(self, conn: Any) -> None:
         """Roll the whole transaction back and go on in a new one (the frame stays open)."""
+        STATS.round_trips += 1
         conn.rollback()
 
     def physical_side(self, conn: Any, record: Any) -> tuple[Any, Any, Driver]:
@@ -84,7 +97,15 @@ class Driver:
 
     def execute(self, conn: Any, sql: str) -> None:
         """Run one or more parameterless statements on the physical connection."""
+        STATS.round_trips += 1
         self._run(conn, sql)
+
+    def fetch(self, conn: Any, sql: str) -> list[tuple[Any, ...]]:
+        """Like :meth:`execute`; the rows of the last statement (only where :attr:`can_fetch`)."""
+        if self._fetch is None:
+            raise NotImplementedError(f"{self.name}: no rows from multi-statement strings")
+        STATS.round_trips += 1
+        return self._fetch(conn, sql)
 
     @staticmethod
     def closed(conn: Any) -> bool:
@@ -101,17 +122,21 @@ class Driver:
     def begin_outer(self, conn: Any) -> None:
         """Called before the first statement of a new outer transaction."""
 
-    def rollback_outer(self, conn: Any, check_deferred: bool) -> None:
+    def rollback_outer(self, conn: Any, check_deferred: bool, probe: str = "") -> list[tuple[Any, ...]]:
         """Roll the outer transaction back, checking deferred constraints first if asked.
 
         The check shares the rollback's round trip. When it fails, the
         transaction is still rolled back and the driver's error is raised.
+        ``probe``, a query, runs after the ROLLBACK in the same round trip;
+        its rows are returned.
         """
-        if not check_deferred:
+        if not (check_deferred or probe):
+            STATS.round_trips += 1
             conn.rollback()
-            return
+            return []
+        check = "SET CONSTRAINTS ALL IMMEDIATE; " if check_deferred else ""
         try:
-            self.execute(conn, self.forget_prepared(conn) + "SET CONSTRAINTS ALL IMMEDIATE; ROLLBACK")
+            return self.fetch(conn, f"{self.forget_prepared(conn)}{check}ROLLBACK" + (f"; {probe}" if probe else ""))
         except BaseException:
             if not self.closed(conn):
                 conn.rollback()
@@ -280,6 +305,22 @@ def _run_psycopg3(conn: Any, sql: str) -> None:
         cur.execute(sql, prepare=False)
 
 
+def _fetch_psycopg2(conn: Any, sql: str) -> list[tuple[Any, ...]]:
+    # psycopg2 keeps only the last result of a multi-statement string.
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return list(cur.fetchall()) if cur.description is not None else []
+
+
+def _fetch_psycopg3(conn: Any, sql: str) -> list[tuple[Any, ...]]:
+    # psycopg 3 keeps every result and shows the first: step to the last.
+    with conn.cursor() as cur:
+        cur.execute(sql, prepare=False)
+        while cur.nextset():
+            pass
+        return list(cur.fetchall()) if cur.description is not None else []
+
+
 _cache: dict[type, Driver | None] = {}
 
 
@@ -295,11 +336,11 @@ def driver_for(conn: Any) -> Driver | None:
     if module.startswith("psycopg2"):
         import psycopg2.errors
 
-        found = _Psycopg2("psycopg2", psycopg2.errors.InFailedSqlTransaction, _run_psycopg2)
+        found = _Psycopg2("psycopg2", psycopg2.errors.InFailedSqlTransaction, _run_psycopg2, _fetch_psycopg2)
     elif module.startswith("psycopg"):
         import psycopg
 
         if isinstance(conn, psycopg.Connection):
-            found = _Psycopg3("psycopg", psycopg.errors.InFailedSqlTransaction, _run_psycopg3)
+            found = _Psycopg3("psycopg", psycopg.errors.InFailedSqlTransaction, _run_psycopg3, _fetch_psycopg3)
     _cache[cls] = found
     return found

@@ -23,6 +23,8 @@ from . import _sequences as sequences
 from ._drivers import IDLE, INERROR, DatabaseKey, Driver
 from ._history import Frame, Savepoint, SavepointStack, ScopeLike, fresh
 from ._lock import SharedLock
+from ._rollback import rollback_frame
+from ._stats import STATS
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
@@ -90,6 +92,7 @@ class Physical:
         self.lost: Optional[BaseException] = None
         #: open cursor.stream() / cursor.copy() blocks, which keep the driver busy
         self.streaming = 0
+        STATS.opened(self, key.dbname)
 
     def next_id(self) -> int:
         self._ids += 1
@@ -186,6 +189,11 @@ class Physical:
         """Run control statements of sa_rollback's own (no results) in one round trip."""
         self._check_driver_free()
         self.driver.execute(self.conn, sql)
+
+    def fetch(self, sql: str) -> list[tuple[Any, ...]]:
+        """Like :meth:`execute`; the rows of the last statement."""
+        self._check_driver_free()
+        return self.driver.fetch(self.conn, sql)
 
     def _rollback_all(self) -> None:
         self._check_driver_free()
@@ -329,77 +337,8 @@ class Physical:
         self._close_frames(dropped)
 
     def _rollback_frame(self, frame: Frame, check: bool) -> None:
-        """Roll back to the frame's base, checking deferred constraints first when asked."""
-        base = frame.base
-        if base.is_start and frame.reset_sql:
-            self._rollback_outer_restoring(frame, check)
-            return
-        if base.is_start:
-            try:
-                self.driver.rollback_outer(self.conn, check)
-            except Exception as exc:
-                self.stack.clear()
-                if check and self.alive():
-                    raise self._deferred_error(frame, exc) from exc
-                raise
-            self.stack.clear()
-            return
-        undo = self.driver.undo_savepoint(self.conn, base.name)
-        if frame.reset_sql:
-            undo = f"{undo}; {frame.reset_sql}"
-        try:
-            self.execute(f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
-        except Exception as exc:
-            if not (check and self.alive()):
-                raise
-            self.execute(undo)
-            self.stack.cut(base.index)
-            raise self._deferred_error(frame, exc) from exc
-        self.stack.cut(base.index)
-        sequences.restored(self.key.db, frame)
-
-    def _rollback_outer_restoring(self, frame: Frame, check: bool) -> None:
-        """Put the sequences back and roll back the outer transaction, in one round trip.
-
-        ``setval`` is not transactional: run inside the transaction, it
-        survives the ROLLBACK, and it costs no commit (after the ROLLBACK, its
-        implicit transaction would commit and wait for the WAL flush, several
-        milliseconds). An aborted transaction cannot run it: then it runs
-        after the ROLLBACK, outside any transaction, and psycopg2, which still
-        believes one is open, is handled by :meth:`Driver.begin_outer`.
-        """
-        after = f"ROLLBACK; {frame.reset_sql}"
-        if self.driver.status(self.conn) == INERROR:
-            undo = after
-        else:
-            undo = f"{frame.reset_sql}; ROLLBACK"
-        # The same as Driver.rollback_outer does for psycopg 3's prepared statements.
-        forget = self.driver.forget_prepared(self.conn)
-        try:
-            self.execute(forget + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo))
-        except Exception as exc:
-            self.stack.clear()
-            if self.driver.closed(self.conn):
-                raise
-            self.driver.rollback(self.conn)
-            self.execute(after)
-            if check:
-                raise self._deferred_error(frame, exc) from exc
-            raise
-        self.stack.clear()
-        sequences.restored(self.key.db, frame)
-
-    def _deferred_error(self, frame: Frame, exc: BaseException) -> DeferredConstraintError:
-        constraint = self.driver.constraint_name(exc)
-        named = f"constraint {constraint!r}" if constraint else "a deferred constraint"
-        detail = str(exc).strip().replace("\n", " ")
-        return DeferredConstraintError(
-            f"{frame.scope.label}: {named} on {self.key.describe()} is violated by what the test wrote "
-            f"({detail}). In production the COMMIT would have failed. sa_rollback checks deferred "
-            "constraints (SET CONSTRAINTS ALL IMMEDIATE) before rolling back; fix the data, or "
-            f"{frame.scope.deferred_hint} to skip the check.",
-            constraint,
-        )
+        """Roll back to the frame's base, in one round trip (see :mod:`._rollback`)."""
+        rollback_frame(self, frame, check)
 
     # -- savepoints -----------------------------------------------------------
 
@@ -425,6 +364,7 @@ class Physical:
         else:
             sql = f"SAVEPOINT {name}"
         self.execute(sql)
+        STATS.savepoints += 1
         stack.cut(cut)
         marks = self.frames[-1].marks() if self.frames else fresh(self.seq)
         sp = Savepoint(name, self.seq, marks, owner, txn, before)
@@ -494,6 +434,7 @@ class Physical:
 
     def close(self) -> None:
         """Close the real connection (end of the run, or when it died)."""
+        STATS.closed(self)
         try:
             self._record.close()
         except Exception:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Callable, Optional, Protocol
 
+from . import _queries
 from ._aio import NOW
 from ._classify import Kind, Statement, classify
 from ._drivers import IDLE
@@ -271,6 +272,9 @@ class LogicalConnection(Logical):
         stmt = classify(sql)
         kind = stmt.kind
         phys = self.phys
+        recording = _queries.active  # sa_queries: the one read it costs when nobody asked
+        if recording is not None:
+            fn = recording.record(sql, args, phys.key.dbname, fn)
         scopes = phys.scopes
         top = scopes.top
         lock = phys.lock

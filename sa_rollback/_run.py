@@ -95,6 +95,10 @@ class Databases:
             )
         return self._plan
 
+    def planned_timings(self) -> Optional[dict[str, float]]:
+        """How long finding the server and the template took in this process (None before the plan)."""
+        return self._plan.timings if self._plan is not None else None
+
     def fingerprinted(self) -> str:
         """What the template's fingerprint was taken of, for the start-up line ("" if unknown)."""
         inputs = self._plan.inputs if self._plan is not None else []

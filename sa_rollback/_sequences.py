@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Optional
 if TYPE_CHECKING:
     from ._history import Frame
 
+from ._stats import STATS
+
 #: each readable sequence of the database: its oid, last value (NULL before its first nextval), start
 #: (the privilege check is in the select list, as in the pg_sequences view: in WHERE, the planner
 #: may run it on pg_class rows that are not sequences, and it raises on those)
@@ -119,6 +121,7 @@ def reference(driver_name: str, conn: Any, db: tuple[Any, ...], begin: bool) -> 
 
 def _query(driver_name: str, conn: Any, sql: str, begin: bool) -> list[tuple[Any, ...]]:
     """Run ``sql`` (after a BEGIN, if ``begin``) in one round trip; its rows."""
+    STATS.round_trips += 1
     if driver_name == "psycopg":
         if begin:
             return _begin_psycopg3(conn, sql)

@@ -120,6 +120,25 @@ OPTIONS: tuple[Option, ...] = (
         default=False,
     ),
     Option(
+        "detect_outside",
+        "--sa-detect-outside",
+        "sa_rollback_detect_outside",
+        "SA_ROLLBACK_DETECT_OUTSIDE",
+        "Fail a test that leaves a connection sa_rollback does not know of (psycopg.connect(), a "
+        "subprocess) open on its database; checked in the rollback's own round trip, on clones only",
+        kind="bool",
+        default=True,
+    ),
+    Option(
+        "report",
+        "--sa-report",
+        "sa_rollback_report",
+        "SA_ROLLBACK_REPORT",
+        "Show what isolation cost at the end of the run: one line, the full table with -v",
+        kind="bool",
+        default=True,
+    ),
+    Option(
         "server_dir",
         "--sa-server-dir",
         "sa_rollback_server_dir",
@@ -147,6 +166,8 @@ class Settings:
     lock_timeout: float = _DEFAULTS["lock_timeout"]
     check_deferred: bool = _DEFAULTS["check_deferred"]
     reset_sequences: bool = _DEFAULTS["reset_sequences"]
+    detect_outside: bool = _DEFAULTS["detect_outside"]
+    report: bool = _DEFAULTS["report"]
     server_dir: Path = Path(_DEFAULTS["server_dir"])
 
 

@@ -147,3 +147,21 @@ def default_postgresql_driver() -> str:
     """
     driver: str = make_url("postgresql://").get_dialect().driver
     return driver
+
+
+def pooled_connections() -> list[Any]:
+    """The DBAPI connections of every live pool record in the process (a walk of the garbage collector's objects).
+
+    Slow (tens of milliseconds in a large process): only for the rare question
+    "is this backend one of our pools' after all?", when a pool connected
+    before anyone listened.
+    """
+    import gc
+
+    found = []
+    for obj in gc.get_objects():
+        if type(obj) is _ConnectionRecord:
+            conn = obj.dbapi_connection
+            if conn is not None:
+                found.append(conn)
+    return found

@@ -130,6 +130,21 @@ class DeferredConstraintError(SaRollbackError):
 _INTERNAL = ("sa_rollback.", "sqlalchemy.", "psycopg.", "psycopg2.", "contextlib", "threading", "concurrent.")
 
 
+class OutsideConnectionError(SaRollbackError):
+    """Another connection was on the test's own database when its transaction was rolled back.
+
+    Only sa_rollback's connections (and those of SQLAlchemy pools in this
+    process, which join the test's transaction) belong on a database it
+    created for the run. Any other, a ``psycopg.connect()`` or a process the
+    test started, worked outside the test's transaction: what it wrote was
+    committed for real and is not rolled back.
+    """
+
+
+class QueryCountError(AssertionError):
+    """``sa_queries.assert_count`` or ``expect``: the statements sent were not as many as expected."""
+
+
 def caller_site(depth: int = 1) -> Optional[tuple[CodeType, int]]:
     """(code, line) of the innermost caller outside sa_rollback, SQLAlchemy and the drivers.
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import pytest
 
+from ._queries import Queries
 from ._run import databases_key, scope_key, settings_key
 from ._scope import RollbackScope
 from ._settings import Settings
@@ -180,3 +181,37 @@ def sa_rollback_class_scope() -> None:
     Works as ``sa_rollback_module_scope`` does, for one test class (Django's
     ``setUpTestData``).
     """
+
+
+@pytest.fixture
+def sa_queries(request: pytest.FixtureRequest) -> Generator[Queries, None, None]:
+    """Every statement the test sends from here on, through any engine: ``sa_queries.assert_count(2)``.
+
+    pytest-django's ``django_assert_num_queries``, for sa_rollback. Each recorded
+    statement (``sa_queries.statements``) has ``sql``, ``params``, ``database``
+    and ``duration`` (seconds in the driver; None for a COMMIT or savepoint
+    that sa_rollback answered itself). sa_rollback's own savepoints and
+    rollbacks are not recorded.
+
+    * ``sa_queries.count``: how many so far; ``sa_queries.clear()`` starts over.
+    * ``sa_queries.assert_count(n)``: fail, listing the statements numbered, unless exactly ``n`` were sent.
+    * ``with sa_queries.expect(n): ...``: the same for the statements of the block only.
+    * ``sa_queries.on("dbname")``, or ``database="dbname"`` on the two above: one database only.
+      The configured database's name stands for the clone the tests actually run on.
+
+    Recording starts when the fixture is set up: fixtures set up before it are
+    not counted. It needs the test's rollback scope (not with
+    ``--sa-rollback=off`` or ``@pytest.mark.sa_rollback(enabled=False)`` or
+    ``real_commits=True``). Without pytest: ``with sa_rollback.capture_queries() as queries:``.
+    """
+    if request.node.stash.get(scope_key, None) is None:
+        raise ConfigurationError(
+            f"sa_queries records the statements of the test's rollback scope, and {request.node.nodeid} runs "
+            "without one (--sa-rollback=off, or @pytest.mark.sa_rollback(enabled=False) or real_commits=True)."
+        )
+    aliases: dict[str, str] = {}
+    provisioned = request.config.stash[databases_key].provisioned
+    if provisioned is not None and provisioned.base and provisioned.created:
+        aliases[provisioned.base] = provisioned.database
+    with Queries(aliases) as queries:
+        yield queries

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import Generator
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Literal, Optional
 
 import pytest
 
-from . import _signals
+from . import _report, _signals
 from ._run import Databases, databases_key, is_xdist_controller, mode_key, ranks_key, scope_key, settings_key
 from ._scope import RollbackScope, open_scopes, suspended
 from ._settings import OPTIONS, Option, Settings, resolve, switch
@@ -19,6 +20,7 @@ from .errors import ConfigurationError, SaRollbackWarning, ScopeError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
     db_engine,
     db_session,
+    sa_queries,
     sa_rollback_class_scope,
     sa_rollback_engine,
     sa_rollback_make_database,
@@ -40,6 +42,9 @@ class _XdistHooks:
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["sa_rollback_run"] = self.databases.run_id
         node.workerinput["sa_rollback_lease"] = self.databases.leased
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        _report.node_down(node)
 
 
 #: pytest-flask-sqlalchemy's ini keys, accepted so that its users' configs keep loading
@@ -94,6 +99,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[ranks_key] = {}
     databases = Databases(config, settings)
     config.stash[databases_key] = databases
+    _report.configure(config, settings, databases)
     config.stash[_signals.restore_key] = _signals.install()  # SIGTERM (a cancelled CI job) cleans up as Ctrl-C does
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(databases), "sa_rollback_xdist")
@@ -144,6 +150,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     databases = config.stash.get(databases_key, None)
     if databases is None:
         return
+    _report.summary(terminalreporter, config, databases)
     for name, seconds in databases.builds:
         terminalreporter.write_line(f"sa_rollback: built template {name} in {seconds:.2f} s{databases.fingerprinted()}")
     provisioned = databases.provisioned
@@ -165,12 +172,14 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if databases is None:
         return
     if hasattr(config, "workerinput"):
+        _report.worker_done(config, databases)  # before the close, which forgets the clone's timings
         databases.close()
     elif is_xdist_controller(config):
         databases.sweep()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _report.unconfigure()
     databases = config.stash.get(databases_key, None)
     if databases is not None:
         databases.close()
@@ -270,9 +279,10 @@ def _begin(item: pytest.Item) -> None:
         item.addfinalizer(_snapshot_all(item))
         return
     settings = item.config.stash[settings_key]
+    started = time.perf_counter()
     scope = _open_scope(item.nodeid, settings, **_sequence_scope_args(item.config, _resets_sequences(item)))
     item.stash[scope_key] = scope
-    item.addfinalizer(scope.close)
+    item.addfinalizer(_report.test_scope(item, started, scope.close))
 
 
 #: how a pytest user skips the deferred-constraint check, for DeferredConstraintError

@@ -14,7 +14,7 @@ from . import _servers as servers
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 #: each example, and how many tests it has
-COUNTS = {"flask_app": 12, "fastapi_app": 6}
+COUNTS = {"flask_app": 13, "fastapi_app": 6}
 
 
 @pytest.fixture(scope="module")

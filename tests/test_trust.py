@@ -819,7 +819,9 @@ def test_deferred_check_only_when_the_scope_wrote(engine: sa.Engine, monkeypatch
             conn.execute(sa.text("SELECT 1"))
         driver = physical(engine).driver
         original = driver.rollback_outer
-        monkeypatch.setattr(driver, "rollback_outer", lambda conn, check: (checks.append(check), original(conn, check)))
+        monkeypatch.setattr(
+            driver, "rollback_outer", lambda conn, check, probe="": checks.append(check) or original(conn, check, probe)
+        )
     with sa_rollback.rollback_scope():
         with engine.begin() as conn:
             add(conn, "x")

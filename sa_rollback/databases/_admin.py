@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 from sqlalchemy.engine import URL, make_url
 
 from .._sqla import default_postgresql_driver
+from .._stats import STATS
 from ..errors import ConfigurationError
 
 #: SQLSTATEs the janitor reacts to
@@ -46,7 +47,9 @@ class AdminDriver:
         except BaseException:
             raw.close()
             raise
-        return AdminConnection(self, raw)
+        admin = AdminConnection(self, raw)
+        STATS.opened(admin)
+        return admin
 
 
 def _url_driver(url: URL) -> str:
@@ -126,6 +129,7 @@ class AdminConnection:
         self.raw.rollback()
 
     def close(self) -> None:
+        STATS.closed(self)
         self.raw.close()
 
     def __enter__(self) -> AdminConnection:

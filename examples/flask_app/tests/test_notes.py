@@ -66,3 +66,14 @@ def test_db_engine_is_the_apps_engine(client, app_context, db_engine) -> None:
     make_notebook(client, "via-engine")
     with db_engine.connect() as conn:
         assert conn.execute(select(Notebook.title)).scalars().all() == ["via-engine"]
+
+
+def test_creating_a_notebook_writes_once_to_each_database(client, app_context, sa_queries) -> None:
+    """sa_queries lists what the view sent, per database: the audit log is a bind of its own."""
+    main, audit = (db.engines[bind].url.database for bind in (None, "audit"))
+    make_notebook(client, "counted")
+    inserts = [query for query in sa_queries.statements if query.sql.startswith("INSERT")]
+    assert [query.database for query in inserts] == [main, audit]
+    sa_queries.on(audit).assert_count(1)  # the audit row, nothing else
+    with sa_queries.expect(2):  # the notebooks, then each one's notes: lazy loading costs one more per notebook
+        client.get("/notebooks")
