@@ -140,8 +140,11 @@ def test_async_rows_are_paired_and_counted(smoke: tuple[dict[str, Any], Path]) -
             count = trips[key]
             assert len(count["per_test"]) == count["tests"] == section["counted_tests"], (name, key)
             assert all(isinstance(n, int) and n > 0 for n in count["per_test"]), (name, key)
-            # A loop per test gets a new connection per test, for every strategy; a shared loop none.
-            assert count["connections_opened_mean"] == (1 if group["style"] == "fresh" else 0), (name, key)
+            # A loop per test gets a new connection per test, for every strategy; a shared loop none. Except
+            # sa_rollback on psycopg async: it runs on the sync shared connection, which no loop owns.
+            shared = name.startswith("psycopg/") and key == "sa_rollback"
+            fresh = group["style"] == "fresh" and not shared
+            assert count["connections_opened_mean"] == (1 if fresh else 0), (name, key)
         # Only the baseline leaks; the rows are cleaned after each group.
         assert timing["rows_left"]["none"] > 0, name
         assert all(timing["rows_left"][key] == 0 for key in ASYNC_STRATEGIES[1:]), name
