@@ -241,6 +241,12 @@ class Physical:
                 "the tests on a clone (--sa-schema, for example 'existing'), or turn reset_sequences "
                 "off for this test."
             )
+        if reset and self.driver.per_loop:
+            raise ConfigurationError(
+                f"{scope.label}: reset_sequences is on, but {self.key.describe()} is reached through "
+                "asyncpg, whose sequences sa_rollback cannot put back yet. Use psycopg's async engine "
+                "(postgresql+psycopg://) for this test, or turn reset_sequences off for it."
+            )
         nested = bool(self.frames)
         if nested:
             base = self.push_savepoint(None)

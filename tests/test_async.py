@@ -391,3 +391,34 @@ def test_module_engine_with_pre_ping_under_a_loop_per_test(pytester: pytest.Pyte
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
     assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_reset_sequences_is_refused_on_asyncpg_and_works_on_psycopg_async(
+    pytester: pytest.Pytester, outside, driver: str
+) -> None:
+    pytester.makeconftest(ENABLE)
+    _ini(pytester)
+    pytester.makefile(".sql", schema=SCHEMA)
+    pytester.makepyfile(
+        helpers=HELPERS,
+        test_ids="""
+        import pytest
+        import sqlalchemy as sa
+        from helpers import ENGINE, add
+
+        @pytest.mark.asyncio
+        @pytest.mark.sa_rollback(reset_sequences=True)
+        @pytest.mark.parametrize("n", range(2))
+        async def test_first_id_every_time(n):
+            await add(f"r{n}")
+            async with ENGINE.connect() as conn:
+                assert (await conn.execute(sa.text("SELECT id FROM items"))).scalar() == 1
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sa-schema=sql:schema.sql")
+    if driver == "asyncpg":
+        result.assert_outcomes(failed=2)
+        result.stdout.fnmatch_lines(["*reset_sequences is on, but * is reached through asyncpg*"])
+    else:
+        result.assert_outcomes(passed=2)
+    assert outside("SELECT count(*) FROM items") == [(0,)]
