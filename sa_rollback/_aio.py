@@ -191,7 +191,20 @@ def before_close(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) 
         del _closing[loop]
 
 
-class AsyncDriver(Driver):
+class _AdapterDriver(Driver):
+    """A driver behind SQLAlchemy's asyncio adapter: the pool's own connection is left as it is.
+
+    Making it read-only would set the adapter's characteristics, which awaits.
+    """
+
+    def guard(self, conn: Any) -> tuple[Any, Any]:
+        return (None, None)
+
+    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
+        pass
+
+
+class AsyncDriver(_AdapterDriver):
     """A driver reached through SQLAlchemy's asyncio adapter."""
 
     per_loop = True
@@ -199,10 +212,6 @@ class AsyncDriver(Driver):
     def raw(self, conn: Any) -> Any:
         """The driver's own connection behind the adapter."""
         return conn._connection  # noqa: SLF001  (the adapter's documented-by-use attribute)
-
-    def loop(self, conn: Any) -> asyncio.AbstractEventLoop:
-        loop: asyncio.AbstractEventLoop = conn.sa_rollback_loop
-        return loop
 
     def new_lock(self) -> Any:
         return TaskLock()
@@ -249,18 +258,6 @@ class AsyncDriver(Driver):
 
     def dead(self, conn: Any) -> bool:
         return self.closed(conn)
-
-    @staticmethod
-    def autocommit(conn: Any) -> bool:
-        return bool(conn.autocommit)
-
-    def guard(self, conn: Any) -> tuple[Any, Any]:
-        # Setting the adapter's characteristics may await; the pool's own
-        # connection is left as it is.
-        return (None, None)
-
-    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
-        pass
 
     @staticmethod
     def cancel(conn: Any) -> None:
@@ -332,7 +329,7 @@ class _SyncView:
         self.record = None
 
 
-class PsycopgAsyncDriver(Driver):
+class PsycopgAsyncDriver(_AdapterDriver):
     """psycopg 3's async mode: its checkouts share the sync psycopg connection of the database.
 
     psycopg can put a sync ``Connection`` over the libpq connection of an
@@ -363,13 +360,6 @@ class PsycopgAsyncDriver(Driver):
     @staticmethod
     def closed(conn: Any) -> bool:
         return bool(conn.closed)
-
-    def guard(self, conn: Any) -> tuple[Any, Any]:
-        # Setting the adapter's characteristics awaits; the pool's own connection is left as it is.
-        return (None, None)
-
-    def unguard(self, conn: Any, saved: tuple[Any, Any]) -> None:
-        pass
 
     def physical_side(self, conn: Any, record: Any) -> tuple[Any, Any, Driver]:
         import psycopg
