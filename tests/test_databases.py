@@ -459,10 +459,11 @@ def test_janitor_quotes_identifiers_with_the_drivers_own_quoting(driver: str) ->
     url = make_url(ADMIN_URL).set(drivername=f"postgresql+{driver}")
     with Janitor(url) as j:
         assert j.conn.driver.name == driver
-        j.create(name, Mark.clone(BASE, RUN), template=BASE)
+        mark = Mark.clone(BASE, RUN)
+        j.create(name, mark, template=BASE)
         try:
             assert j.exists(name) and j.exists(BASE)
-            assert j.mark(name) == Mark.clone(BASE, RUN)
+            assert j.mark(name) == mark
         finally:
             assert j.drop(name) is True
         assert not j.exists(name) and j.exists(BASE)
