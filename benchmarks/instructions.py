@@ -14,7 +14,11 @@ sizes, divided by the difference in size:
 
 * ``nodb``: a pytest suite of trivial parametrized tests, with
   ``pytest_plugins = ["sa_rollback"]`` and without it (``-s -p no:logging``,
-  as the benchmark's lean variant), 100 and 1100 tests: instructions per test;
+  as the benchmark's lean variant), 100 and 1100 tests: instructions per test.
+  A third run imports the plugin module (so SQLAlchemy too) without
+  registering it: a suite that uses a database has SQLAlchemy's objects in
+  memory anyway, and every garbage collection of the run walks them. The
+  difference to it is what the plugin's per-test hooks cost;
 * ``checkout``: ``engine.connect().close()`` against the server of
   ``--url``, inside a scope after its first statement and outside any scope,
   1000 and 6000 times: instructions per checkout.
@@ -40,7 +44,12 @@ from benchmarks.compare_revs import REPO, materialize
 
 DEFAULT_URL = os.environ.get("SA_ROLLBACK_BENCH_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
-_CONFTEST = 'import os\n\npytest_plugins = ["sa_rollback"] if os.environ["BENCH_PLUGIN"] == "1" else []\n'
+_CONFTEST = (
+    "import os\n\n"
+    'if os.environ["BENCH_PLUGIN"] == "import":\n'
+    "    import sa_rollback.plugin  # noqa: F401\n"
+    'pytest_plugins = ["sa_rollback"] if os.environ["BENCH_PLUGIN"] == "1" else []\n'
+)
 _TESTS = (
     "import os\n\nimport pytest\n\n\n"
     '@pytest.mark.parametrize("i", range(int(os.environ["BENCH_N"])))\n'
@@ -111,7 +120,7 @@ def measure(package: Path, url: str, work: Path) -> dict[str, float]:
     (suite / "test_nothing.py").write_text(_TESTS)
     pytest_args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "-s", "-p", "no:logging"]
     out: dict[str, float] = {}
-    for plugin in ("0", "1"):
+    for plugin in ("0", "import", "1"):
         out[f"nodb_plugin_{plugin}"] = per_unit(
             pytest_args, (100, 1100), suite, dict(env, BENCH_PLUGIN=plugin), size_var="BENCH_N"
         )
@@ -131,17 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", default=DEFAULT_URL.replace("postgresql://", "postgresql+psycopg://", 1))
     args = parser.parse_args(argv)
     print(
-        "| revision | no-database test, plugin off | plugin on | plugin's share | checkout outside a scope "
-        "| in a scope | plugin's share in a scope |"
+        "| revision | no-database test, plugin off | package imported, plugin off | plugin on | plugin's share "
+        "| of which its per-test hooks | checkout outside a scope | in a scope | plugin's share in a scope |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rev in args.revs:
         with tempfile.TemporaryDirectory(prefix="sa_rollback_bench_ir_") as tmp:
             source = materialize(rev, Path(tmp) / "pkg")
             r = measure(source.path, args.url, Path(tmp))
         print(
-            f"| `{rev}` | {r['nodb_plugin_0']:,.0f} | {r['nodb_plugin_1']:,.0f} "
-            f"| +{r['nodb_plugin_1'] - r['nodb_plugin_0']:,.0f} | {r['checkout_outside']:,.0f} "
+            f"| `{rev}` | {r['nodb_plugin_0']:,.0f} | {r['nodb_plugin_import']:,.0f} | {r['nodb_plugin_1']:,.0f} "
+            f"| +{r['nodb_plugin_1'] - r['nodb_plugin_0']:,.0f} | +{r['nodb_plugin_1'] - r['nodb_plugin_import']:,.0f} "
+            f"| {r['checkout_outside']:,.0f} "
             f"| {r['checkout_in_scope']:,.0f} | +{r['checkout_in_scope'] - r['checkout_outside']:,.0f} |",
             flush=True,
         )

@@ -176,6 +176,11 @@ def _wrote(real: Any) -> bool:
     return bool(row and row[0])
 
 
+def has_noted() -> bool:
+    """Is any connection noted as lent outside every scope (perhaps returned since)?"""
+    return bool(_noted)
+
+
 def adopt_noted(registry: Registry) -> None:
     """A scope has opened: every noted connection still checked out joins it on first use."""
     entries: list[tuple[weakref.ref[Any], Site]] = []

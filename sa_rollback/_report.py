@@ -9,9 +9,8 @@ the end. Under xdist each worker sends its report to the controller
 from __future__ import annotations
 
 import heapq
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 
@@ -61,19 +60,6 @@ class RunReport:
     clones: float = 0.0
     clone_count: int = 0
     processes: int = 1
-
-    def timed_close(self, nodeid: str, close: Callable[[], None]) -> Callable[[], None]:
-        """``close`` (a test scope's), timed into the rollback figures."""
-
-        def run() -> None:
-            __tracebackhide__ = True
-            started = time.perf_counter()
-            try:
-                close()
-            finally:
-                self.closed(nodeid, time.perf_counter() - started)
-
-        return run
 
     def closed(self, nodeid: str, seconds: float) -> None:
         self.rollback += seconds
@@ -191,14 +177,6 @@ def configure(config: pytest.Config, settings: Settings, databases: Databases) -
 
 def unconfigure() -> None:
     OUTSIDE.watch(None)
-
-
-def test_scope(item: pytest.Item, started: float, close: Callable[[], None]) -> Callable[[], None]:
-    """A test's scope was opened at ``started``: count it; its ``close``, timed."""
-    report = item.config.stash[report_key]
-    report.tests += 1
-    report.setup += time.perf_counter() - started
-    return report.timed_close(item.nodeid, close)
 
 
 def worker_done(config: pytest.Config, databases: Databases) -> None:

@@ -16,7 +16,7 @@ from typing import Callable, Optional, TypeVar
 
 import pytest
 
-from ._scope import RollbackScope
+from ._scope import LazyScope
 from ._settings import Settings
 from ._state import STATE
 from .databases import (
@@ -33,10 +33,8 @@ from .errors import SaRollbackError, SaRollbackWarning
 
 T = TypeVar("T")
 settings_key = pytest.StashKey[Settings]()
-#: the test's RollbackScope (None when the test runs without one); set when its first fixture is set up
-scope_key = pytest.StashKey[Optional[RollbackScope]]()
-#: (enabled, real_commits) of the test, from the settings and its marker
-mode_key = pytest.StashKey[tuple[bool, bool]]()
+#: the test's scope, made on first use (None when the test runs without one); set when its first fixture is set up
+scope_key = pytest.StashKey[Optional[LazyScope]]()
 databases_key = pytest.StashKey["Databases"]()
 #: the pytest scope (0 function ... 4 session) of each rollback scope the plugin opened, by id
 ranks_key = pytest.StashKey[dict[int, int]]()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Optional
 
-from ._adoption import adopt_noted, release_adopted
+from ._adoption import adopt_noted, has_noted, release_adopted
 from ._listeners import install as install_listeners
 from ._physical import Physical
 from ._sqla import greenlet_spawn
@@ -199,6 +199,47 @@ class RollbackScope:
                 raise self.errors[0]
             if failures:
                 raise failures[0]
+
+
+class LazyScope:
+    """A :class:`RollbackScope` made and opened only when something first needs it.
+
+    The pytest plugin's scope of each test: a test that never uses a database
+    pays for this object alone. The scope is made by ``make`` and joins the
+    open scopes when the checkout listener, a statement, another scope or
+    :meth:`get` first asks for the innermost scope, so for everything it
+    isolates it is as if it had opened here. Where a connection lent before it
+    waits to be adopted, it opens at once, as ``__enter__`` would.
+    """
+
+    __slots__ = ("_make", "scope")
+
+    def __init__(self, make: Callable[[], RollbackScope]) -> None:
+        self._make = make
+        #: the scope, once made
+        self.scope: Optional[RollbackScope] = None
+        if has_noted():
+            self.scope = make().__enter__()
+        else:
+            install()
+            STATE.defer(self)
+
+    def __call__(self) -> RollbackScope:
+        # STATE calls this under its lock, and pushes what it returns.
+        scope = self.scope = self._make()
+        scope._open = True  # noqa: SLF001  (one module: the lazy form of its __enter__)
+        return scope
+
+    def get(self) -> RollbackScope:
+        """The scope, opened now if nothing has opened it yet."""
+        if self.scope is None:
+            STATE.top  # noqa: B018  (reading it opens the deferred scope: this one)
+        assert self.scope is not None
+        return self.scope
+
+    def cancel(self) -> bool:
+        """Forget the scope if nothing made it: True then. Otherwise close :attr:`scope`."""
+        return STATE.cancel(self)
 
 
 def rollback_scope(

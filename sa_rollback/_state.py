@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ._aio import AsyncDriver, async_driver_for, before_close
 from ._drivers import DatabaseKey, Driver, driver_for
@@ -36,8 +36,10 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 
 class State:
     def __init__(self) -> None:
-        #: the innermost open scope, or None
-        self.top: Optional[ScopeLike] = None
+        #: the innermost open scope (read through :attr:`top`)
+        self._top: Optional[ScopeLike] = None
+        #: makes a scope deferred with :meth:`defer`: it joins the stack when something first asks for the top
+        self._deferred: Optional[Callable[[], ScopeLike]] = None
         #: the lock timeout of scopes that do not set one (the plugin sets it from its settings)
         self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         self.scopes: list[ScopeLike] = []
@@ -53,10 +55,50 @@ class State:
         #: async shared connections being made: slot -> done when made (or failed)
         self._connecting: dict[Any, asyncio.Future[None]] = {}
 
+    @property
+    def top(self) -> Optional[ScopeLike]:
+        """The innermost open scope, or None. A deferred scope joins the stack here, on first need."""
+        if self._deferred is not None:
+            self._join_deferred()
+        return self._top
+
     def push(self, scope: ScopeLike) -> None:
+        if self._deferred is not None:
+            self._join_deferred()  # a scope opened inside it nests in it
         with self._lock:
             self.scopes.append(scope)
-            self.top = scope
+            self._top = scope
+
+    def defer(self, make: Callable[[], ScopeLike]) -> None:
+        """Open a scope lazily: ``make()`` is called and its scope pushed when the checkout
+        listener, a statement or another scope first asks for the top. Until then it costs
+        nothing, which is the point: in most suites, most tests touch no database.
+
+        Only for a scope that nothing would adopt into (no connection noted as lent before it):
+        what is lent before a scope must be taken over when the scope opens.
+        """
+        if self._deferred is not None:
+            self._join_deferred()
+        self._deferred = make
+
+    def cancel(self, make: Callable[[], ScopeLike]) -> bool:
+        """The deferred scope of ``make`` closes: True if it was never made, and is now forgotten."""
+        if self._deferred is not make:
+            return False
+        with self._lock:
+            if self._deferred is not make:  # another thread made it meanwhile
+                return False
+            self._deferred = None
+            return True
+
+    def _join_deferred(self) -> None:
+        # Made and pushed under the lock: another thread that asks meanwhile waits for it.
+        with self._lock:
+            make, self._deferred = self._deferred, None
+            if make is not None:
+                scope = make()
+                self.scopes.append(scope)
+                self._top = scope
 
     def pop(self, scope: ScopeLike) -> None:
         with self._lock:
@@ -66,7 +108,7 @@ class State:
                     f"{scope!r} is not the innermost open scope."
                 )
             self.scopes.pop()
-            self.top = self.scopes[-1] if self.scopes else None
+            self._top = self.scopes[-1] if self.scopes else None
 
     @contextmanager
     def suspended(self, keep: int = 0) -> Iterator[None]:
@@ -75,15 +117,17 @@ class State:
         Scopes opened meanwhile nest inside the kept ones; the set-aside ones
         come back on top of them.
         """
+        if self._deferred is not None:
+            self._join_deferred()  # set aside with the rest
         with self._lock:
             saved, self.scopes = self.scopes[keep:], self.scopes[:keep]
-            self.top = self.scopes[-1] if self.scopes else None
+            self._top = self.scopes[-1] if self.scopes else None
         try:
             yield
         finally:
             with self._lock:
                 self.scopes = self.scopes + saved
-                self.top = self.scopes[-1] if self.scopes else None
+                self._top = self.scopes[-1] if self.scopes else None
 
     def next_number(self) -> int:
         with self._lock:

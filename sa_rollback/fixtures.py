@@ -35,8 +35,8 @@ def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]
     when it closes. ``sa_rollback_scope.errors`` lists problems that SQLAlchemy
     would otherwise swallow; the test fails with the first one at teardown.
     """
-    scope: Optional[RollbackScope] = request.node.stash.get(scope_key, None)
-    return scope
+    lazy = request.node.stash.get(scope_key, None)
+    return None if lazy is None else lazy.get()
 
 
 @pytest.fixture(scope="session")

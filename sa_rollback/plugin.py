@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 import threading
 import time
 from collections.abc import Generator
@@ -12,8 +14,9 @@ from typing import Any, Callable, Literal, Optional
 import pytest
 
 from . import _report, _signals
-from ._run import Databases, databases_key, is_xdist_controller, mode_key, ranks_key, scope_key, settings_key
-from ._scope import RollbackScope, open_scopes, suspended
+from ._report import report_key
+from ._run import Databases, databases_key, is_xdist_controller, ranks_key, scope_key, settings_key
+from ._scope import LazyScope, RollbackScope, open_scopes, suspended
 from ._settings import OPTIONS, Option, Settings, resolve, switch
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackWarning, ScopeError
@@ -255,6 +258,18 @@ def _data_scope_resets(request: pytest.FixtureRequest) -> bool:
     return config.stash[_any_resets_key]
 
 
+def _marker_of(item: pytest.Item) -> Optional[pytest.Mark]:
+    """``item.get_closest_marker("sa_rollback")``, without its generators: every test asks."""
+    node: Any = item  # an Item, then its parent Collectors up to the Session
+    while node is not None:
+        mark: pytest.Mark
+        for mark in node.own_markers:
+            if mark.name == "sa_rollback":
+                return mark
+        node = node.parent
+    return None
+
+
 def _begin(item: pytest.Item) -> None:
     """Open the test's scope (or snapshot for real commits); the item's teardown closes it.
 
@@ -262,27 +277,89 @@ def _begin(item: pytest.Item) -> None:
     at the end of its setup if it has none: after every wider fixture, before
     every function fixture. The finalizer is registered before any function
     fixture's, so it runs after all of them and before wider ones are torn down.
+    A bad marker, or a refusal, is raised here, before any of the test's own
+    code has run: a setup error of the test.
     """
-    item.stash[scope_key] = None
-    enabled, real_commits = item.stash.get(mode_key, (False, False))
-    if not enabled:
+    stash = item.stash
+    stash[scope_key] = None
+    config = item.config
+    settings = config.stash[settings_key]
+    if not settings.enabled:
         return
-    if real_commits:
-        for outer in open_scopes():
-            raise ConfigurationError(
-                f"@pytest.mark.sa_rollback(real_commits=True) on {item.nodeid}: the test runs inside "
-                f"{outer.label!r}, whose data is rolled back when it ends. Real commits would make "
-                "that data permanent, and restoring the database afterwards would drop it before "
-                "its scope ends. Move the test where no sa_rollback_*_scope fixture is in use (another "
-                "module or class), or drop real_commits=True."
-            )
-        item.addfinalizer(_snapshot_all(item))
-        return
-    settings = item.config.stash[settings_key]
+    marker = stash[marker_key] = _marker_of(item)
+    resets = settings.reset_sequences
+    if marker is not None:
+        __tracebackhide__ = True
+        enabled, real_commits = _read_marker(marker)
+        if not enabled:
+            return
+        if real_commits:
+            _check_restorable(item)
+            for outer in open_scopes():
+                raise ConfigurationError(
+                    f"@pytest.mark.sa_rollback(real_commits=True) on {item.nodeid}: the test runs inside "
+                    f"{outer.label!r}, whose data is rolled back when it ends. Real commits would make "
+                    "that data permanent, and restoring the database afterwards would drop it before "
+                    "its scope ends. Move the test where no sa_rollback_*_scope fixture is in use (another "
+                    "module or class), or drop real_commits=True."
+                )
+            item.addfinalizer(_snapshot_all(item))
+            return
+        resets = _resets_sequences(item)
+    lazy = LazyScope(functools.partial(_make_test_scope, item, settings, resets))
+    stash[scope_key] = lazy
+    item.addfinalizer(functools.partial(_end, item, lazy))
+
+
+def _make_test_scope(item: pytest.Item, settings: Settings, resets: bool) -> RollbackScope:
+    """The test's scope, made when the test first uses a database (see LazyScope)."""
     started = time.perf_counter()
-    scope = _open_scope(item.nodeid, settings, **_sequence_scope_args(item.config, _resets_sequences(item)))
-    item.stash[scope_key] = scope
-    item.addfinalizer(_report.test_scope(item, started, scope.close))
+    scope = RollbackScope(
+        item.nodeid, check_deferred=settings.check_deferred, **_sequence_scope_args(item.config, resets)
+    )
+    scope.deferred_hint = _DEFERRED_HINT
+    item.config.stash[report_key].setup += time.perf_counter() - started
+    return scope
+
+
+def _end(item: pytest.Item, lazy: LazyScope) -> None:
+    """The test's teardown, after its function fixtures': roll back what it wrote."""
+    __tracebackhide__ = True
+    report = item.config.stash[report_key]
+    report.tests += 1
+    # pytest keeps every item, and its stash, to the end of the run: a scope left there
+    # would make each garbage collection longer by one more object graph per test.
+    item.stash[scope_key] = None
+    if lazy.cancel():
+        return  # never used: nothing to roll back
+    scope = lazy.get()
+    if scope.errors:
+        # What the test's call raised (pytest keeps it in sys.last_value) is not raised again.
+        _prune(scope, getattr(sys, "last_value", None))
+    started = time.perf_counter()
+    try:
+        scope.close()
+    finally:
+        report.closed(item.nodeid, time.perf_counter() - started)
+
+
+def _prune(scope: Optional[RollbackScope], raised: Optional[BaseException]) -> None:
+    """An error the test already failed with is not reported a second time by its scope's teardown.
+
+    The scope keeps errors such as a refused multi-statement ``COMMIT`` so that
+    the test fails even when the application catches them; when the error
+    reached pytest anyway, it is reported once, where it happened.
+    """
+    if scope is None or not scope.errors or raised is None:
+        return
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    error: Optional[BaseException] = raised
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    scope.errors[:] = [kept for kept in scope.errors if not any(kept is e for e in chain)]
 
 
 #: how a pytest user skips the deferred-constraint check, for DeferredConstraintError
@@ -397,7 +474,12 @@ def pytest_fixture_setup(
         item = request.node
         if scope_key not in item.stash:
             _begin(item)
-        return (yield)
+        try:
+            return (yield)
+        except BaseException as exc:
+            lazy = item.stash[scope_key]
+            _prune(lazy.scope if lazy is not None else None, exc)
+            raise
     settings = request.config.stash[settings_key]
     if fixturedef.argname in DATA_FIXTURES or not settings.enabled:
         return (yield)
@@ -445,52 +527,8 @@ def _close_data_scope(config: pytest.Config, scope: RollbackScope) -> None:
     scope.close()
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    """Read the marker before any fixture; open the test's scope by the end of its setup.
-
-    A test without function fixtures gets its scope once every wider fixture
-    is set up. A bad marker, or a refusal, is a setup error of that test: it
-    is raised after the other plugins' setup, whose teardown runs regardless.
-    """
-    settings = item.config.stash[settings_key]
-    mode = (settings.enabled, False)
-    error: Optional[ConfigurationError] = None
-    marker = item.stash[marker_key] = item.get_closest_marker("sa_rollback")
-    if marker is not None and settings.enabled:
-        try:
-            mode = _read_marker(marker)
-        except ConfigurationError as exc:
-            error, mode = exc, (True, False)  # its fixtures' writes still roll back
-    if mode[0] and mode[1]:
-        try:
-            _check_restorable(item)
-        except ConfigurationError as exc:
-            error, mode = exc, (True, False)
-    item.stash[mode_key] = mode
-    yield
-    if error is not None:
-        __tracebackhide__ = True
-        raise error
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Open the test's scope at the end of its setup, if no function fixture has opened it."""
     if scope_key not in item.stash:
         _begin(item)
-
-
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
-    """An error the test already failed with is not reported a second time by its scope's teardown.
-
-    The scope keeps errors such as a refused multi-statement ``COMMIT`` so that
-    the test fails even when the application catches them; when the error
-    reached pytest anyway, it is reported once, where it happened.
-    """
-    if call.excinfo is None:  # first: it is so for every phase of a passing test
-        return
-    scope = item.stash.get(scope_key, None)
-    if scope is None or not scope.errors:
-        return
-    raised: set[int] = set()
-    error: Optional[BaseException] = call.excinfo.value
-    while error is not None and id(error) not in raised:
-        raised.add(id(error))
-        error = error.__cause__ or error.__context__
-    scope.errors[:] = [kept for kept in scope.errors if id(kept) not in raised]

@@ -1,0 +1,115 @@
+"""The plugin's per-test scope is made on first use (LazyScope): it must isolate exactly as an open one.
+
+Each test here drives the core without pytest's plugin, as the plugin does for
+every test: a data scope (a module fixture's) holds a connection across tests,
+and the test's lazy scope must still take every write of the test, whatever
+path reaches the database first. Every "gone afterwards" check is made from a
+plain psycopg connection outside SQLAlchemy (the ``outside`` fixture).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import sqlalchemy as sa
+
+import sa_rollback
+from sa_rollback._scope import LazyScope
+from sa_rollback._state import STATE
+
+
+def _insert(conn: sa.Connection, name: str) -> None:
+    conn.execute(sa.text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+
+
+def _names(conn: sa.Connection) -> list[str]:
+    return [row[0] for row in conn.execute(sa.text("SELECT name FROM items ORDER BY name"))]
+
+
+def test_a_scope_nothing_uses_is_never_made(engine: sa.Engine) -> None:
+    made: list[sa_rollback.RollbackScope] = []
+
+    def make() -> sa_rollback.RollbackScope:
+        made.append(sa_rollback.RollbackScope("test"))
+        return made[-1]
+
+    lazy = LazyScope(make)
+    assert STATE.scopes == [] and lazy.scope is None
+    assert lazy.cancel() is True
+    assert made == [] and STATE.top is None
+
+
+def test_a_held_connection_used_without_a_checkout_writes_into_the_lazy_scope(engine: sa.Engine, outside) -> None:
+    """A module-wide connection, stood in during the data scope, is used by the test with no new checkout."""
+    with sa_rollback.rollback_scope("module data"):
+        conn = engine.connect()
+        _insert(conn, "module")
+        conn.commit()
+        lazy = LazyScope(lambda: sa_rollback.RollbackScope("test"))
+        _insert(conn, "test")  # the statement asks for the top: the test's scope is made here
+        conn.commit()
+        assert lazy.scope is not None and STATE.top is lazy.scope
+        assert lazy.cancel() is False
+        lazy.get().close()
+        assert _names(conn) == ["module"]  # the test's write went with the test's scope
+        conn.close()
+    assert outside("SELECT name FROM items") == []
+
+
+def test_a_checkout_in_another_thread_makes_the_scope_once(engine: sa.Engine, outside) -> None:
+    calls: list[int] = []
+
+    def make() -> sa_rollback.RollbackScope:
+        calls.append(threading.get_ident())
+        return sa_rollback.RollbackScope("test")
+
+    lazy = LazyScope(make)
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        try:
+            with engine.begin() as conn:
+                _insert(conn, name)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(calls) == 1
+    with engine.connect() as conn:
+        assert _names(conn) == ["t0", "t1", "t2", "t3"]  # one transaction: each sees the others'
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+    assert lazy.cancel() is False
+    lazy.get().close()
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_a_scope_opened_inside_nests_in_the_lazy_one(engine: sa.Engine, outside) -> None:
+    lazy = LazyScope(lambda: sa_rollback.RollbackScope("test"))
+    with sa_rollback.rollback_scope("inner"):
+        assert STATE.scopes[0] is lazy.scope  # made first, so that the inner one nests in it
+        with engine.begin() as conn:
+            _insert(conn, "inner")
+    with engine.begin() as conn:
+        _insert(conn, "outer")
+        assert _names(conn) == ["outer"]
+    lazy.get().close()
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_a_connection_lent_before_makes_it_open_at_once(engine: sa.Engine, outside) -> None:
+    """What is lent before a scope is adopted when the scope opens: then it cannot wait."""
+    conn = engine.connect()
+    conn.execute(sa.text("SELECT 1"))  # lent outside every scope, and still held
+    try:
+        lazy = LazyScope(lambda: sa_rollback.RollbackScope("test"))
+        assert lazy.scope is not None and STATE.top is lazy.scope
+        _insert(conn, "held")
+        conn.commit()
+        lazy.get().close()
+    finally:
+        conn.close()
+    assert outside("SELECT count(*) FROM items") == [(0,)]
