@@ -103,6 +103,7 @@ def pytest_configure(config: pytest.Config) -> None:
     databases = Databases(config, settings)
     config.stash[databases_key] = databases
     _report.configure(config, settings, databases)
+    config.stash[_hot_key] = (settings, config.stash[report_key])
     config.stash[_signals.restore_key] = _signals.install()  # SIGTERM (a cancelled CI job) cleans up as Ctrl-C does
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(databases), "sa_rollback_xdist")
@@ -229,10 +230,8 @@ def _read_marker(marker: pytest.Mark) -> tuple[bool, bool]:
     return _marker_args(**switches)
 
 
-def _resets_sequences(item: pytest.Item) -> bool:
+def _resets_sequences(item: pytest.Item, marker: Optional[pytest.Mark]) -> bool:
     """The marker's ``reset_sequences``, else the setting."""
-    # pytest_runtest_setup keeps the marker it looked up; the session-wide scan finds it anew.
-    marker = item.stash[marker_key] if marker_key in item.stash else item.get_closest_marker("sa_rollback")
     value = marker.kwargs.get("reset_sequences") if marker is not None else None
     if value is None:
         return bool(item.config.stash[settings_key].reset_sequences)
@@ -254,7 +253,9 @@ def _data_scope_resets(request: pytest.FixtureRequest) -> bool:
     """A data scope puts sequences back when it ends if any test resets them, so that they start where it began."""
     config = request.config
     if _any_resets_key not in config.stash:
-        config.stash[_any_resets_key] = any(_resets_sequences(item) for item in request.session.items)
+        config.stash[_any_resets_key] = any(
+            _resets_sequences(item, item.get_closest_marker("sa_rollback")) for item in request.session.items
+        )
     return config.stash[_any_resets_key]
 
 
@@ -281,15 +282,15 @@ def _begin(item: pytest.Item) -> None:
     code has run: a setup error of the test.
     """
     stash = item.stash
-    stash[scope_key] = None
-    config = item.config
-    settings = config.stash[settings_key]
+    settings, report = item.config.stash[_hot_key]
     if not settings.enabled:
+        stash[scope_key] = None
         return
-    marker = stash[marker_key] = _marker_of(item)
+    marker = _marker_of(item)
     resets = settings.reset_sequences
     if marker is not None:
         __tracebackhide__ = True
+        stash[scope_key] = None
         enabled, real_commits = _read_marker(marker)
         if not enabled:
             return
@@ -305,10 +306,10 @@ def _begin(item: pytest.Item) -> None:
                 )
             item.addfinalizer(_snapshot_all(item))
             return
-        resets = _resets_sequences(item)
+        resets = _resets_sequences(item, marker)
     lazy = LazyScope(functools.partial(_make_test_scope, item, settings, resets))
     stash[scope_key] = lazy
-    item.addfinalizer(functools.partial(_end, item, lazy))
+    item.addfinalizer(functools.partial(_end, item, lazy, report))
 
 
 def _make_test_scope(item: pytest.Item, settings: Settings, resets: bool) -> RollbackScope:
@@ -322,10 +323,9 @@ def _make_test_scope(item: pytest.Item, settings: Settings, resets: bool) -> Rol
     return scope
 
 
-def _end(item: pytest.Item, lazy: LazyScope) -> None:
+def _end(item: pytest.Item, lazy: LazyScope, report: _report.RunReport) -> None:
     """The test's teardown, after its function fixtures': roll back what it wrote."""
     __tracebackhide__ = True
-    report = item.config.stash[report_key]
     report.tests += 1
     # pytest keeps every item, and its stash, to the end of the run: a scope left there
     # would make each garbage collection longer by one more object graph per test.
@@ -400,8 +400,8 @@ def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
     return restore
 
 
-#: the test's sa_rollback marker (or None), looked up once per test
-marker_key = pytest.StashKey[Optional[pytest.Mark]]()
+#: (settings, report) of the run: what every test's scope needs, in one lookup
+_hot_key = pytest.StashKey[tuple[Settings, _report.RunReport]]()
 
 #: the fixtures a wider fixture requests to have its writes rolled back when it ends, by pytest scope
 DATA_FIXTURES = {
