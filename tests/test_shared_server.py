@@ -284,7 +284,9 @@ def test_three_shards_with_two_workers_each_share_one_server_safely(pytester: py
     cancelled.proc.send_signal(signal.SIGTERM)
     assert cancelled.proc.wait(timeout=60) == 2, cancelled.output
     left = made_from(base)
-    assert {mark.host for mark in left.values()} == {"host-k"} and len(left) == 2, left  # the cancelled run's are gone
+    # The cancelled run's are gone. The killed one's lease is free now, so any run on this server
+    # may drop its clones, a concurrent suite's included: here or in the next run, they go.
+    assert {mark.host for mark in left.values()} <= {"host-k"} and len(left) <= 2, left
 
     after = project.run("after", "-k", "group_a", "-n", "0", host="host-z")
     assert after.returncode == 0, after.output
