@@ -19,13 +19,14 @@ from typing import Any, Callable
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool, StaticPool
 
 import sa_rollback
 from sa_rollback._state import STATE
 from sa_rollback._vacant import Vacant
 
-from ._compat import create_engine
+from ._compat import DRIVERS, create_engine
 from .conftest import DB_A, driver_url, libpq_dsn
 
 Count = Callable[[], int]
@@ -70,7 +71,7 @@ def make(app_name: str) -> Iterator[Callable[..., sa.Engine]]:
     engines: list[sa.Engine] = []
 
     def made(driver: str, **kwargs: Any) -> sa.Engine:
-        url = sa.make_url(driver_url(driver)).update_query_dict({"application_name": app_name})
+        url = make_url(driver_url(driver)).update_query_dict({"application_name": app_name})
         eng = create_engine(url, **kwargs)
         engines.append(eng)
         return eng
@@ -89,7 +90,7 @@ def names(conn: Any) -> list[str]:
     return list(conn.execute(sa.text("SELECT name FROM items ORDER BY name")).scalars())
 
 
-sync_drivers = pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+sync_drivers = pytest.mark.parametrize("driver", DRIVERS)
 
 
 @sync_drivers
@@ -251,15 +252,16 @@ import os
 
 import psycopg
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
 pytest_plugins = ["sa_rollback"]
 APP = os.environ["INNER_APP"]
-ENGINE = sa.create_engine(sa.make_url(os.environ["INNER_URL"]).update_query_dict({"application_name": APP}))
+ENGINE = sa.create_engine(make_url(os.environ["INNER_URL"]).update_query_dict({"application_name": APP}))
 
 
 def connections(database):
     '''The server connections of the application's engine to this worker's database, counted from outside.'''
-    url = sa.make_url(os.environ["INNER_URL"]).set(drivername="postgresql", database=database)
+    url = make_url(os.environ["INNER_URL"]).set(drivername="postgresql", database=database)
     with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as plain:
         return plain.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
@@ -276,16 +278,16 @@ from conftest import ENGINE, connections
 @pytest.mark.parametrize("n", range(6))
 def test_one_connection_per_database(n):
     with ENGINE.connect() as conn:
-        conn.execute(sa.text("INSERT INTO items (name) VALUES ('x')"))
-        conn.commit()
         database = conn.execute(sa.text("SELECT current_database()")).scalar()
-        with ENGINE.connect() as second:
-            assert second.execute(sa.text("SELECT count(*) FROM items")).scalar() == 1
+        with ENGINE.begin() as second:  # two checkouts at once
+            second.execute(sa.text("INSERT INTO items (name) VALUES ('x')"))
             assert connections(database) == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar() == 1
+        assert connections(database) == 1
 """
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@sync_drivers
 def test_each_worker_holds_one_connection_per_database(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, driver: str
 ) -> None:
