@@ -237,6 +237,22 @@ def test_null_pool_keeps_one_connection(make: Callable[..., sa.Engine], count: C
 
 
 @sync_drivers
+def test_a_taken_connection_gets_the_lock_timeout_unless_the_application_set_one(
+    make: Callable[..., sa.Engine], driver: str
+) -> None:
+    """What a shared connection made for the purpose gets at connect (a statement never waits forever)."""
+    expected = f"{int(STATE.lock_timeout * 1000)}ms"
+    with sa_rollback.rollback_scope():
+        with make(driver).connect() as conn:
+            shown = conn.execute(sa.text("SELECT setting || 'ms' FROM pg_settings WHERE name = 'lock_timeout'"))
+            assert shown.scalar() == expected
+    STATE.close_all()
+    with sa_rollback.rollback_scope():
+        with make(driver, connect_args={"options": "-c lock_timeout=5s"}).connect() as conn:
+            assert conn.execute(sa.text("SHOW lock_timeout")).scalar() == "5s"
+
+
+@sync_drivers
 def test_static_pool_keeps_its_connection(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
     """StaticPool lends one record to several checkouts at once: its connection stays, guarded, as before."""
     eng = make(driver, poolclass=StaticPool)
