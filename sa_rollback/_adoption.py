@@ -55,8 +55,10 @@ class Registry(ScopeSource, Protocol):
     connecting_lock_timeout: Optional[int]
 
     def physical_for(
-        self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None
+        self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None, record: Any = None
     ) -> Optional[Physical]: ...
+
+    def vacated(self, info: dict[Any, Any], placeholder: Any, driver: Any, key: Any) -> None: ...
 
     def next_number(self) -> int: ...
 

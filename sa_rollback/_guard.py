@@ -6,6 +6,7 @@ import weakref
 from typing import Any, Optional, Protocol
 
 from ._drivers import IDLE, INERROR, Driver
+from ._vacant import Vacant
 from .errors import SaRollbackError, TransactionEscapeError, caller_location
 
 
@@ -34,6 +35,10 @@ class PoolConnectionGuard:
     means the application used it, and the test fails with
     :class:`TransactionEscapeError`. Several checkouts may share one pool
     connection (``StaticPool``); the last one to return restores it.
+
+    ``real`` may be a :class:`~._vacant.Vacant` placeholder: then there is
+    nothing to guard unless the application used it (it became a read-only
+    connection), which is closed when the last checkout returns.
     """
 
     __slots__ = ("checkouts", "count", "detached", "driver", "real", "saved")
@@ -46,6 +51,8 @@ class PoolConnectionGuard:
         #: (weak reference to the pool's checkout proxy, the logical connection in it)
         self.checkouts: list[tuple[weakref.ref[Any], Lent]] = []
         self.saved: Optional[tuple[Any, Any]] = None
+        if type(real) is Vacant:
+            return  # it guards itself, if it ever connects
         try:
             if driver.status(real) != IDLE:
                 # pool_pre_ping's SELECT 1 leaves a transaction open; the pool
@@ -56,11 +63,19 @@ class PoolConnectionGuard:
             # A dead pool connection: nothing can go through it anyway.
             pass
 
+    def _connection(self) -> Any:
+        """The real connection to look at: the pool's own, or what a placeholder became; None if nothing."""
+        real = self.real
+        return real.real if type(real) is Vacant else real
+
     def lend(self) -> None:
         """Lend it again, still read-only from an earlier checkout; pool_pre_ping may have begun a transaction."""
+        real = self._connection()
+        if real is None:
+            return
         try:
-            if self.driver.status(self.real) != IDLE:
-                self.real.rollback()
+            if self.driver.status(real) != IDLE:
+                real.rollback()
         except Exception:
             pass  # a dead pool connection: nothing can go through it anyway
 
@@ -75,8 +90,18 @@ class PoolConnectionGuard:
 
     def release(self, keep_guarded: bool = False) -> Optional[TransactionEscapeError]:
         """Describe any use of it; give it back writable, as it was lent, unless ``keep_guarded``."""
-        real = self.real
+        real = self._connection()
+        if real is None:
+            return None
         driver = self.driver
+        if type(self.real) is Vacant:
+            try:
+                return self._release(real, driver, keep_guarded)
+            finally:
+                self.real.vacate()  # back to one server connection
+        return self._release(real, driver, keep_guarded)
+
+    def _release(self, real: Any, driver: Driver, keep_guarded: bool) -> Optional[TransactionEscapeError]:
         try:
             if driver.closed(real):
                 return None

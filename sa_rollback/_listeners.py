@@ -2,8 +2,12 @@
 
 ``checkout``: inside a rollback scope, the checked-out connection's DBAPI
 connection is replaced by a :class:`LogicalConnection` on the database's shared
-physical connection. The pool's own connection stays checked out, unused and
-read-only (:class:`PoolConnectionGuard`), and goes back to the pool as it was.
+physical connection. For a sync ``QueuePool`` or ``NullPool``, the pool's own
+connection becomes the shared one, or is closed when that exists already; its
+record holds a :class:`Vacant` placeholder until a checkout outside every scope
+reconnects it (:mod:`._vacant`). For other pools and async drivers it stays
+checked out, unused and read-only (:class:`PoolConnectionGuard`), and goes back
+to the pool as it was.
 Outside a scope, the checkout is noted, so that a scope opened while the
 application still holds the connection can adopt it (:mod:`._adoption`).
 
@@ -42,7 +46,17 @@ from ._aio import async_driver_for, before_close
 from ._drivers import driver_for
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
-from ._sqla import pool_of, pre_pings, record_pool, reset_connection, stand_in
+from ._sqla import (
+    close_connection,
+    lends_one_at_a_time,
+    pool_of,
+    pre_pings,
+    reconnect,
+    record_pool,
+    reset_connection,
+    stand_in,
+)
+from ._vacant import Vacant
 
 _lock = threading.Lock()
 #: the process-wide state, once installed
@@ -53,19 +67,34 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     state = _state
     assert state is not None
     if state.top is None:
+        if type(dbapi_connection) is Vacant:
+            # Its connection went to a scope's shared connection; outside every
+            # scope the application gets a real one, made the pool's way.
+            dbapi_connection.vacate()
+            stand_in(connection_proxy, reconnect(connection_record))
         note_checkout(connection_proxy, connection_record)
         return
     pool = pool_of(connection_proxy)
     info = connection_record.info
-    phys = state.physical_for(dbapi_connection, pool, info)
+    vacatable = lends_one_at_a_time(pool)
+    phys = state.physical_for(dbapi_connection, pool, info, connection_record if vacatable else None)
     if phys is None:
         return
     driver = phys.driver
+    if vacatable and type(dbapi_connection) is not Vacant and not (driver.per_loop or driver.async_facing):
+        if connection_record.dbapi_connection is dbapi_connection:
+            # The shared connection was there already: this one is not needed in the scope.
+            placeholder = Vacant(pool, driver, driver.autocommit(dbapi_connection))
+            close_connection(connection_record, placeholder)
+            state.vacated(info, placeholder, driver, phys.key)
+        dbapi_connection = connection_record.dbapi_connection  # the placeholder
     autocommit = driver.autocommit(dbapi_connection)
     guard: Optional[PoolConnectionGuard] = info.get(GUARD_KEY)
     if guard is None or guard.real is not dbapi_connection:
         # The pool's own connection may be another kind than the shared one (psycopg async).
-        own = driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
+        # A placeholder is not asked: it would connect to answer.
+        own = driver if type(dbapi_connection) is Vacant else None
+        own = own or driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, own)
     elif not guard.count:
         guard.lend()  # still read-only since an earlier checkout in a scope (give_back's to_pool)

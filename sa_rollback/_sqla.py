@@ -162,6 +162,53 @@ def pooled_connections() -> list[Any]:
     for obj in gc.get_objects():
         if type(obj) is _ConnectionRecord:
             conn = obj.dbapi_connection
-            if conn is not None:
+            if conn is not None and not getattr(type(conn), "placeholder", False):  # _vacant.Vacant: no connection
                 found.append(conn)
     return found
+
+
+def lends_one_at_a_time(pool: Pool) -> bool:
+    """Does ``pool`` lend each record's connection to one checkout at a time (QueuePool, NullPool, sync)?
+
+    Only then may a record's connection leave it while it is checked out
+    (:func:`take_connection`): ``StaticPool`` and ``SingletonThreadPool`` hand
+    one record's connection to several checkouts at once.
+    """
+    from sqlalchemy.pool import NullPool, QueuePool
+
+    return isinstance(pool, (QueuePool, NullPool)) and not dialect_of(pool).is_async
+
+
+def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> _ConnectionRecord:
+    """Move ``record``'s connection to a new private record of ``pool``, leaving ``placeholder`` in its place.
+
+    The connection is not closed, reopened or set up again: it has passed the
+    dialect's and the application's connect hooks already. Its ``info`` goes
+    with it. Closing the private record closes it; closing ``record`` closes
+    only the placeholder.
+    """
+    private = _ConnectionRecord(pool, connect=False)
+    private.dbapi_connection = record.dbapi_connection
+    private.starttime = record.starttime
+    # What listeners keep about a connection goes with it (SQLAlchemy clears it when it reconnects a record).
+    private.info.update(record.info)
+    record.info.clear()
+    record.dbapi_connection = placeholder
+    return private
+
+
+def close_connection(record: _ConnectionRecord, placeholder: Any) -> None:
+    """Close ``record``'s connection the pool's way (its ``close`` event runs), and put ``placeholder`` in its place."""
+    record._ConnectionRecord__close()  # type: ignore[attr-defined]  # noqa: SLF001
+    record.dbapi_connection = placeholder
+
+
+def reconnect(record: _ConnectionRecord) -> Any:
+    """Give ``record`` a new connection, made as the pool makes its own (connect events run); returns it.
+
+    The record's ``info`` is cleared first, as SQLAlchemy does before it
+    reconnects a record.
+    """
+    record.info.clear()
+    record._ConnectionRecord__connect()  # type: ignore[attr-defined]  # noqa: SLF001
+    return record.dbapi_connection

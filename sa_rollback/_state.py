@@ -23,7 +23,8 @@ from ._aio import AsyncDriver, async_driver_for, before_close
 from ._drivers import DatabaseKey, Driver, driver_for
 from ._history import ScopeLike
 from ._physical import Physical
-from ._sqla import await_, dialect_of, private_record
+from ._sqla import await_, dialect_of, private_record, take_connection
+from ._vacant import Vacant
 from .errors import SaRollbackError, SaRollbackWarning, ScopeError
 
 #: key, in a pool record's info dict, of (its DBAPI connection, driver, database key)
@@ -146,12 +147,14 @@ class State:
             warnings.warn(message, SaRollbackWarning, stacklevel=3)
 
     def physical_for(
-        self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None
+        self, dbapi_connection: Any, pool: Any, info: Optional[dict[Any, Any]] = None, record: Any = None
     ) -> Optional[Physical]:
         """The shared connection that a checkout from ``pool`` joins, created on first use.
 
         ``info`` is the pool record's info dict; the driver and key of its
         connection are kept there, since reading them costs a few microseconds.
+        ``record``: a pool record checked out inside a scope, whose connection
+        may become the shared one (:mod:`._vacant`); sync drivers only.
         """
         cached = info.get(_KEY_INFO) if info is not None else None
         if cached is not None and cached[0] is dbapi_connection:
@@ -164,7 +167,11 @@ class State:
                 info[_KEY_INFO] = (dbapi_connection, driver, key)
         if driver.per_loop:
             return self._physical((key, asyncio.get_running_loop()), driver, dbapi_connection, pool)
-        return self._physical(key, driver, dbapi_connection, pool)
+        return self._physical(key, driver, dbapi_connection, pool, record)
+
+    def vacated(self, info: dict[Any, Any], placeholder: Vacant, driver: Driver, key: DatabaseKey) -> None:
+        """A record's connection made way for ``placeholder``: its driver and key stay known."""
+        info[_KEY_INFO] = (placeholder, driver, key)
 
     def _identify(self, dbapi_connection: Any, pool: Any) -> tuple[Optional[Driver], Optional[DatabaseKey]]:
         driver = driver_for(dbapi_connection) or async_driver_for(dbapi_connection)
@@ -180,7 +187,9 @@ class State:
             return None, None
         return driver, driver.key(dbapi_connection)
 
-    def _physical(self, slot: Any, driver: Driver, dbapi_connection: Any, pool: Any) -> Optional[Physical]:
+    def _physical(
+        self, slot: Any, driver: Driver, dbapi_connection: Any, pool: Any, record: Any = None
+    ) -> Optional[Physical]:
         phys = self.physicals.get(slot)
         if phys is not None and phys.usable():
             return phys
@@ -191,9 +200,9 @@ class State:
             phys = self.physicals.get(slot)
             if phys is not None and phys.usable():
                 return phys
-            return self._make(slot, driver, pool)
+            return self._make(slot, driver, pool, record)
 
-    def _make(self, slot: Any, driver: Driver, pool: Any) -> Physical:
+    def _make(self, slot: Any, driver: Driver, pool: Any, record: Any = None) -> Physical:
         phys = self.physicals.pop(slot, None)
         if phys is not None:
             # It died; whatever it held is gone. Start over on a new one.
@@ -202,14 +211,38 @@ class State:
         # exactly like the application's (dialect on_connect hooks, user
         # "connect" listeners), yet it never enters that pool's queue.
         # PostgreSQL's limit is INT_MAX ms; beyond it, waiting forever is what was asked.
+        millis = None
         if math.isfinite(self.lock_timeout) and self.lock_timeout * 1000 < 2**31 - 1:
-            self.connecting_lock_timeout = max(1, int(self.lock_timeout * 1000))
-        try:
-            record = private_record(pool)
-        finally:
-            self.connecting_lock_timeout = None
+            millis = max(1, int(self.lock_timeout * 1000))
+        taken = record is not None and type(record.dbapi_connection) is not Vacant
+        if taken:
+            # The checkout's own connection, already set up, becomes the shared
+            # one: no second server connection. Its record keeps a placeholder.
+            own = record.dbapi_connection
+            placeholder = Vacant(pool, driver, driver.autocommit(own))
+            info = record.info
+            record = take_connection(record, pool, placeholder)
+            self.vacated(info, placeholder, driver, slot)
+        else:
+            self.connecting_lock_timeout = millis
+            try:
+                record = private_record(pool)
+            finally:
+                self.connecting_lock_timeout = None
         conn, record, driver = driver.physical_side(record.dbapi_connection, record)
         driver.make_physical(conn)
+        if taken and millis is not None:
+            # What do_connect gives a connection made here (_listeners._on_do_connect), unless
+            # the application set its own: one round trip, once per shared connection.
+            conn.autocommit = True
+            try:
+                driver.execute(
+                    conn,
+                    f"SELECT set_config('lock_timeout', '{millis}', false) "
+                    "WHERE current_setting('lock_timeout') IN ('0', '0ms')",
+                )
+            finally:
+                conn.autocommit = False
         phys = Physical(slot[0] if driver.per_loop else slot, driver, conn, record, self)
         phys.slot = slot
         self.physicals[slot] = phys

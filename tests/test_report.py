@@ -5,7 +5,10 @@ writes one row (its rollback is one round trip, with the deferred-constraint
 check), and one test reads after another connection's commit (one savepoint).
 psycopg2 also sends one BEGIN of sa_rollback's own before each test's
 transaction but the first of each process: after the textual ROLLBACK it
-believes a transaction is still open and would send none.
+believes a transaction is still open and would send none. Each process's shared
+connection is its pool's first connection, taken over (``_vacant``): one round
+trip gives it the scope's lock timeout, which a connection made for the purpose
+gets at connect.
 """
 
 from __future__ import annotations
@@ -74,8 +77,9 @@ def _line(result: pytest.RunResult, driver: str, isolated: int, databases: str, 
     lines = [line for line in result.stdout.lines if line.startswith("sa_rollback: ") and "isolated" in line]
     assert len(lines) == 1, result.stdout.str()
     writing = isolated - 1  # all but test_no_database
-    # One rollback per writing test, one savepoint; psycopg2: a BEGIN per test but each process's first.
-    round_trips = writing + 1 + (writing - processes if driver == "psycopg2" else 0)
+    # One rollback per writing test, one savepoint, one lock-timeout SET per process's shared connection;
+    # psycopg2: a BEGIN per test but each process's first.
+    round_trips = writing + 1 + processes + (writing - processes if driver == "psycopg2" else 0)
     start = (
         f"sa_rollback: {isolated} tests isolated on {databases}; 1 savepoint, {round_trips} round trips of its own; "
     )

@@ -1,0 +1,321 @@
+"""The connection budget: one server connection per database per process while a test runs.
+
+Inside a scope, a sync ``QueuePool`` or ``NullPool`` checkout's own connection
+becomes the shared one, or is closed when that exists already; its pool record
+keeps a placeholder (``sa_rollback._vacant``) until a checkout outside every
+scope reconnects it. Every count here is read from a plain psycopg connection:
+the server connections of the test's own ``application_name`` on the suite's
+database.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool, StaticPool
+
+import sa_rollback
+from sa_rollback._state import STATE
+from sa_rollback._vacant import Vacant
+
+from ._compat import DRIVERS, create_engine
+from .conftest import DB_A, driver_url, libpq_dsn
+
+Count = Callable[[], int]
+
+
+@pytest.fixture
+def app_name() -> str:
+    return f"budget {uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def count(app_name: str) -> Iterator[Count]:
+    """How many server connections of this test's application_name are open on the suite's database."""
+    conn = psycopg.connect(libpq_dsn(DB_A), autocommit=True)
+
+    def counted() -> int:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name = %s AND pid <> pg_backend_pid()",
+            (DB_A, app_name),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    yield counted
+    conn.close()
+
+
+def settled(count: Count, expected: int) -> int:
+    """The count once closed connections' server processes have exited (they leave the view a moment later)."""
+    seen = count()
+    deadline = time.monotonic() + 2.0
+    while seen != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+        seen = count()
+    return seen
+
+
+@pytest.fixture
+def make(app_name: str) -> Iterator[Callable[..., sa.Engine]]:
+    """Engines of this test's application_name, on a sync driver; the shared connections start afresh."""
+    STATE.close_all()  # so that the shared connection is made by this test's engine
+    engines: list[sa.Engine] = []
+
+    def made(driver: str, **kwargs: Any) -> sa.Engine:
+        url = make_url(driver_url(driver)).update_query_dict({"application_name": app_name})
+        eng = create_engine(url, **kwargs)
+        engines.append(eng)
+        return eng
+
+    yield made
+    for eng in engines:
+        eng.dispose()
+    STATE.close_all()
+
+
+def add(conn: Any, name: str) -> None:
+    conn.execute(sa.text("INSERT INTO items (name) VALUES (:name)"), {"name": name})
+
+
+def names(conn: Any) -> list[str]:
+    return list(conn.execute(sa.text("SELECT name FROM items ORDER BY name")).scalars())
+
+
+sync_drivers = pytest.mark.parametrize("driver", DRIVERS)
+
+
+@sync_drivers
+def test_one_connection_while_an_engine_is_checked_out(
+    make: Callable[..., sa.Engine], count: Count, driver: str
+) -> None:
+    eng = make(driver)
+    with sa_rollback.rollback_scope():
+        with eng.connect() as conn:
+            add(conn, "a")
+            conn.commit()
+            assert settled(count, 1) == 1  # the pool's connection is the shared one
+            with eng.connect() as second:  # a second checkout at once: its connection is closed
+                assert names(second) == ["a"]
+                assert settled(count, 1) == 1
+        with eng.connect() as conn:  # the records hold placeholders: no connect
+            assert names(conn) == ["a"]
+        assert settled(count, 1) == 1
+    assert settled(count, 1) == 1  # the shared connection stays for the next test
+
+
+@sync_drivers
+def test_a_checkout_outside_scopes_gets_a_real_connection_that_commits(
+    make: Callable[..., sa.Engine], count: Count, driver: str, outside: Callable[..., Any]
+) -> None:
+    eng = make(driver)
+    with sa_rollback.rollback_scope():
+        with eng.begin() as conn:
+            add(conn, "rolled back")
+    assert isinstance(eng.pool._pool.queue[0].dbapi_connection, Vacant)  # type: ignore[attr-defined]
+    try:
+        with eng.begin() as conn:  # outside every scope: reconnected, real
+            assert not isinstance(conn.connection.dbapi_connection, Vacant)
+            assert conn.execute(sa.text("SHOW transaction_read_only")).scalar() == "off"
+            add(conn, "real")
+        assert outside("SELECT name FROM items") == [("real",)]
+        assert settled(count, 2) == 2  # the shared one, and the pool's own again
+        with sa_rollback.rollback_scope():  # the next scope makes way again: one
+            with eng.connect() as conn:
+                assert names(conn) == ["real"]
+                assert settled(count, 1) == 1
+    finally:
+        with psycopg.connect(libpq_dsn(DB_A), autocommit=True) as cleanup:
+            cleanup.execute("DELETE FROM items")
+
+
+@sync_drivers
+def test_pre_ping_is_answered_without_a_connection(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    eng = make(driver, pool_pre_ping=True, pool_size=1)
+    for _ in range(3):  # the checkouts after the first ping the placeholder
+        with sa_rollback.rollback_scope():
+            with eng.begin() as conn:
+                add(conn, "pinged")
+                assert settled(count, 1) == 1
+            with eng.connect() as conn:
+                assert names(conn) == ["pinged"]
+    with eng.connect() as conn:  # outside: pinged, then reconnected for real
+        assert names(conn) == []
+        assert settled(count, 2) == 2
+
+
+@sync_drivers
+def test_recycle_closes_nothing_shared(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    eng = make(driver, pool_recycle=1, pool_size=1)
+    with sa_rollback.rollback_scope():
+        with eng.begin() as conn:
+            add(conn, "before")
+        time.sleep(1.1)
+        with eng.connect() as conn:  # recycled: the placeholder is closed, a new connection made and closed
+            assert names(conn) == ["before"]
+            add(conn, "after")
+            conn.commit()
+            assert settled(count, 1) == 1
+    with eng.connect() as conn:
+        assert names(conn) == []
+
+
+@sync_drivers
+def test_dispose_and_invalidate_mid_test(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    eng = make(driver)
+    with sa_rollback.rollback_scope():
+        with eng.begin() as conn:
+            add(conn, "kept")
+        eng.dispose()  # closes the pool's records: placeholders only
+        with eng.connect() as conn:
+            assert names(conn) == ["kept"]
+            conn.invalidate()  # the pool discards the record: the shared connection lives on
+        with eng.connect() as conn:
+            assert names(conn) == ["kept"]
+        assert settled(count, 1) == 1
+    with eng.connect() as conn:
+        assert names(conn) == []
+
+
+@sync_drivers
+def test_driver_connection_connects_only_when_used(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    eng = make(driver)
+    with sa_rollback.rollback_scope():
+        with eng.connect() as conn:
+            add(conn, "test's")
+            real = conn.connection.driver_connection
+            assert settled(count, 1) == 1
+            cursor = real.cursor()
+            cursor.execute("SELECT count(*) FROM items")  # the pool's own connection: committed data only
+            assert cursor.fetchone()[0] == 0
+            real.rollback()
+            assert settled(count, 2) == 2
+            conn.commit()
+        assert settled(count, 1) == 1  # closed when the checkout ended
+
+
+@sync_drivers
+def test_garbage_collected_and_detached_checkouts(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    eng = make(driver)
+    with sa_rollback.rollback_scope():
+        conn = eng.connect()
+        add(conn, "uncommitted")
+        del conn
+        gc.collect()
+        with eng.connect() as conn:
+            assert names(conn) == []
+        detached = eng.connect()
+        detached.detach()
+        add(detached, "detached")
+        detached.commit()
+        detached.close()
+        with eng.connect() as conn:
+            assert names(conn) == ["detached"]
+        assert settled(count, 1) == 1
+    with eng.connect() as conn:
+        assert names(conn) == []
+
+
+@sync_drivers
+def test_null_pool_keeps_one_connection(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    eng = make(driver, poolclass=NullPool)
+    with sa_rollback.rollback_scope():
+        for i in range(3):
+            with eng.begin() as conn:
+                add(conn, f"n{i}")
+        with eng.connect() as conn:
+            assert len(names(conn)) == 3
+            assert settled(count, 1) == 1
+
+
+@sync_drivers
+def test_a_taken_connection_gets_the_lock_timeout_unless_the_application_set_one(
+    make: Callable[..., sa.Engine], driver: str
+) -> None:
+    """What a shared connection made for the purpose gets at connect (a statement never waits forever)."""
+    expected = f"{int(STATE.lock_timeout * 1000)}ms"
+    with sa_rollback.rollback_scope():
+        with make(driver).connect() as conn:
+            shown = conn.execute(sa.text("SELECT setting || 'ms' FROM pg_settings WHERE name = 'lock_timeout'"))
+            assert shown.scalar() == expected
+    STATE.close_all()
+    with sa_rollback.rollback_scope():
+        with make(driver, connect_args={"options": "-c lock_timeout=5s"}).connect() as conn:
+            assert conn.execute(sa.text("SHOW lock_timeout")).scalar() == "5s"
+
+
+@sync_drivers
+def test_static_pool_keeps_its_connection(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
+    """StaticPool lends one record to several checkouts at once: its connection stays, guarded, as before."""
+    eng = make(driver, poolclass=StaticPool)
+    with sa_rollback.rollback_scope():
+        with eng.begin() as conn:
+            add(conn, "static")
+            assert not isinstance(conn.connection.driver_connection, Vacant)
+            assert settled(count, 2) == 2
+
+
+WORKERS_CONFTEST = """
+import os
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+pytest_plugins = ["sa_rollback"]
+APP = os.environ["INNER_APP"]
+ENGINE = sa.create_engine(make_url(os.environ["INNER_URL"]).update_query_dict({"application_name": APP}))
+
+
+def connections(database):
+    '''The server connections of the application's engine to this worker's database, counted from outside.'''
+    url = make_url(os.environ["INNER_URL"]).set(drivername="postgresql", database=database)
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as plain:
+        return plain.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+            (database, APP),
+        ).fetchone()[0]
+"""
+
+WORKERS_TESTS = """
+import pytest
+import sqlalchemy as sa
+from conftest import ENGINE, connections
+
+
+@pytest.mark.parametrize("n", range(6))
+def test_one_connection_per_database(n):
+    with ENGINE.connect() as conn:
+        database = conn.execute(sa.text("SELECT current_database()")).scalar()
+        with ENGINE.begin() as second:  # two checkouts at once
+            second.execute(sa.text("INSERT INTO items (name) VALUES ('x')"))
+            assert connections(database) == 1
+        assert conn.execute(sa.text("SELECT count(*) FROM items")).scalar() == 1
+        assert connections(database) == 1
+"""
+
+
+@sync_drivers
+def test_each_worker_holds_one_connection_per_database(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, driver: str
+) -> None:
+    monkeypatch.setenv("SA_ROLLBACK_URL", driver_url(driver))
+    monkeypatch.setenv("INNER_URL", driver_url(driver))
+    monkeypatch.setenv("INNER_APP", f"budget {uuid.uuid4().hex[:12]}")
+    for name in ("SA_ROLLBACK", "SA_ROLLBACK_SCHEMA", "SA_ROLLBACK_REPORT", "SA_ROLLBACK_DETECT_OUTSIDE"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeconftest(WORKERS_CONFTEST)
+    pytester.makefile(".sql", schema="CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);")
+    pytester.makepyfile(test_inner=WORKERS_TESTS)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--sa-schema=sql:schema.sql", "--sa-rebuild=on", "-n", "2"
+    )
+    result.assert_outcomes(passed=6)
