@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import threading
 import time
@@ -14,10 +13,11 @@ from typing import Any, Callable, Literal, Optional
 import pytest
 
 from . import _report, _signals
+from ._marks import marker_of, read_marker, resets_sequences, sequence_scope_args
 from ._report import report_key
 from ._run import Databases, databases_key, is_xdist_controller, ranks_key, scope_key, settings_key
 from ._scope import LazyScope, RollbackScope, open_scopes, suspended
-from ._settings import OPTIONS, Option, Settings, resolve, switch
+from ._settings import OPTIONS, Option, Settings, resolve
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackWarning, ScopeError
 from .fixtures import (  # noqa: F401  (pytest finds fixtures in the plugin module)
@@ -194,57 +194,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         restore()
 
 
-def _marker_args(
-    enabled: bool = True, real_commits: bool = False, *, reset_sequences: Optional[bool] = None
-) -> tuple[bool, bool]:
-    """The signature of ``@pytest.mark.sa_rollback``: one keyword per argument.
-
-    :func:`_read_marker` binds the marker to it and checks every argument
-    (a switch: a bool, or on/off/true/false/1/0), so a new argument is one
-    more keyword here. ``reset_sequences`` is read by :func:`_resets_sequences`.
-    """
-    return enabled, real_commits
-
-
-def _read_marker(marker: pytest.Mark) -> tuple[bool, bool]:
-    """The marker's arguments, strictly: ``"off"`` or a typo must not leave rollback on silently."""
-    __tracebackhide__ = True
-    shown = ", ".join([repr(a) for a in marker.args] + [f"{k}={v!r}" for k, v in marker.kwargs.items()])
-    signature = inspect.signature(_marker_args)
-    valid = ", ".join(f"{name}={param.default!r}" for name, param in signature.parameters.items())
-    try:
-        bound = signature.bind(*marker.args, **marker.kwargs)
-    except TypeError as exc:
-        raise ConfigurationError(f"@pytest.mark.sa_rollback({shown}): {exc}. Its arguments are: {valid}.") from None
-    switches: dict[str, bool] = {}
-    for name, value in bound.arguments.items():
-        if isinstance(value, bool):
-            switches[name] = value
-        elif isinstance(value, str) and switch(value) is not None:
-            switches[name] = bool(switch(value))
-        else:
-            raise ConfigurationError(
-                f"@pytest.mark.sa_rollback({shown}): {name} is {value!r}; it takes True or False "
-                "(or one of 'on', 'off', 'true', 'false', '1', '0')."
-            )
-    return _marker_args(**switches)
-
-
-def _resets_sequences(item: pytest.Item, marker: Optional[pytest.Mark]) -> bool:
-    """The marker's ``reset_sequences``, else the setting."""
-    value = marker.kwargs.get("reset_sequences") if marker is not None else None
-    if value is None:
-        return bool(item.config.stash[settings_key].reset_sequences)
-    return bool(switch(value)) if isinstance(value, str) else bool(value)  # _read_marker checked it
-
-
-def _sequence_scope_args(config: pytest.Config, reset: bool) -> dict[str, Any]:
-    """The RollbackScope arguments that reset sequences, when asked: only on databases sa_rollback made."""
-    if not reset:
-        return {}
-    return {"reset_sequences": True, "sequence_databases": config.stash[databases_key].get().owned()}
-
-
 #: does any test of the session reset sequences? (then wider fixtures' data scopes do too)
 _any_resets_key = pytest.StashKey[bool]()
 
@@ -254,21 +203,9 @@ def _data_scope_resets(request: pytest.FixtureRequest) -> bool:
     config = request.config
     if _any_resets_key not in config.stash:
         config.stash[_any_resets_key] = any(
-            _resets_sequences(item, item.get_closest_marker("sa_rollback")) for item in request.session.items
+            resets_sequences(item, item.get_closest_marker("sa_rollback")) for item in request.session.items
         )
     return config.stash[_any_resets_key]
-
-
-def _marker_of(item: pytest.Item) -> Optional[pytest.Mark]:
-    """``item.get_closest_marker("sa_rollback")``, without its generators: every test asks."""
-    node: Any = item  # an Item, then its parent Collectors up to the Session
-    while node is not None:
-        mark: pytest.Mark
-        for mark in node.own_markers:
-            if mark.name == "sa_rollback":
-                return mark
-        node = node.parent
-    return None
 
 
 def _begin(item: pytest.Item) -> None:
@@ -286,12 +223,12 @@ def _begin(item: pytest.Item) -> None:
     if not settings.enabled:
         stash[scope_key] = None
         return
-    marker = _marker_of(item)
+    marker = marker_of(item)
     resets = settings.reset_sequences
     if marker is not None:
         __tracebackhide__ = True
         stash[scope_key] = None
-        enabled, real_commits = _read_marker(marker)
+        enabled, real_commits = read_marker(marker)
         if not enabled:
             return
         if real_commits:
@@ -306,7 +243,7 @@ def _begin(item: pytest.Item) -> None:
                 )
             item.addfinalizer(_snapshot_all(item))
             return
-        resets = _resets_sequences(item, marker)
+        resets = resets_sequences(item, marker)
     lazy = LazyScope(functools.partial(_make_test_scope, item, settings, resets))
     stash[scope_key] = lazy
     item.addfinalizer(functools.partial(_end, item, lazy, report))
@@ -316,7 +253,7 @@ def _make_test_scope(item: pytest.Item, settings: Settings, resets: bool) -> Rol
     """The test's scope, made when the test first uses a database (see LazyScope)."""
     started = time.perf_counter()
     scope = RollbackScope(
-        item.nodeid, check_deferred=settings.check_deferred, **_sequence_scope_args(item.config, resets)
+        item.nodeid, check_deferred=settings.check_deferred, **sequence_scope_args(item.config, resets)
     )
     scope.deferred_hint = _DEFERRED_HINT
     item.config.stash[report_key].setup += time.perf_counter() - started
@@ -496,7 +433,7 @@ def pytest_fixture_setup(
     keep = _open_data_scope(fixturedef, request)
     with suspended(keep):
         label = f"{fixturedef.argname} ({fixturedef.scope} fixture)"
-        resets = _sequence_scope_args(request.config, _data_scope_resets(request))
+        resets = sequence_scope_args(request.config, _data_scope_resets(request))
         if resets:  # the tests that reset sequences report a database they may not reset; the data is no test
             resets["refuse_other_sequences"] = False
         scope = _open_scope(label, settings, **resets)
