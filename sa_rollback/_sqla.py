@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import sqlalchemy
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import NullPool, Pool, QueuePool
 from sqlalchemy.pool.base import _ConnectionFairy, _ConnectionRecord
 
 #: the SQLAlchemy releases CI tests, as [lowest, first excluded) per line
@@ -167,6 +167,10 @@ def pooled_connections() -> list[Any]:
     return found
 
 
+#: pools that lend each record to one checkout at a time (AsyncAdaptedQueuePool is a QueuePool)
+_ONE_AT_A_TIME = (QueuePool, NullPool)
+
+
 def lends_one_at_a_time(pool: Pool) -> bool:
     """Does ``pool`` lend each record's connection to one checkout at a time (QueuePool, NullPool, sync)?
 
@@ -174,9 +178,7 @@ def lends_one_at_a_time(pool: Pool) -> bool:
     (:func:`take_connection`): ``StaticPool`` and ``SingletonThreadPool`` hand
     one record's connection to several checkouts at once.
     """
-    from sqlalchemy.pool import NullPool, QueuePool
-
-    return isinstance(pool, (QueuePool, NullPool)) and not dialect_of(pool).is_async
+    return isinstance(pool, _ONE_AT_A_TIME) and not dialect_of(pool).is_async
 
 
 def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> _ConnectionRecord:
