@@ -9,13 +9,29 @@ plain psycopg connection outside SQLAlchemy (the ``outside`` fixture).
 
 from __future__ import annotations
 
+import gc
 import threading
+from collections.abc import Iterator
 
+import pytest
 import sqlalchemy as sa
 
 import sa_rollback
+from sa_rollback._adoption import has_noted
 from sa_rollback._scope import LazyScope
 from sa_rollback._state import STATE
+
+
+@pytest.fixture(autouse=True)
+def _nothing_lent_before() -> Iterator[None]:
+    """Earlier tests' checkouts outside scopes are noted until a scope opens: drain them, as a test's
+    first scope would, so that the lazy scope may wait. Each test ends its lazy scope either way."""
+    gc.collect()  # checkouts garbage collected since: nothing to adopt
+    with sa_rollback.rollback_scope("drain"):
+        pass
+    assert not has_noted()
+    yield
+    assert STATE.scopes == [] and STATE.top is None
 
 
 def _insert(conn: sa.Connection, name: str) -> None:
