@@ -88,13 +88,16 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
     believes one is open, is handled by :meth:`Driver.begin_outer`.
     """
     after = f"ROLLBACK; {frame.reset_sql}"
-    if phys.driver.status(phys.conn) == INERROR:
-        undo = after
-    else:
-        undo = f"{frame.reset_sql}; ROLLBACK"
     # The same as Driver.rollback_outer does for psycopg 3's prepared statements.
     forget = phys.driver.forget_prepared(phys.conn)
-    sql = forget + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
+    prepare = ""
+    aborted = phys.driver.status(phys.conn) == INERROR
+    if aborted:
+        undo = after
+    else:
+        prepare, restore = sequences.restore_call(phys.conn, frame.reset_sql, deallocated=bool(forget))
+        undo = f"{restore}; ROLLBACK"
+    sql = forget + prepare + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
     try:
         rows = _run(phys, sql, probe)
     except Exception as exc:
@@ -102,11 +105,17 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
         if phys.driver.closed(phys.conn):
             raise
         phys.driver.rollback(phys.conn)
-        phys.execute(after)
-        if check:
-            raise deferred_error(phys, frame, exc) from exc
-        raise
-    phys.stack.clear()
+        if not sequences.lost(phys.conn, exc):
+            phys.execute(after)
+            if check:
+                raise deferred_error(phys, frame, exc) from exc
+            raise
+        # Only the prepared statement was missing: the transaction is rolled back, put them back plainly.
+        rows = _run(phys, after, probe)
+    else:
+        phys.stack.clear()
+        if not aborted:
+            sequences.executed(phys.conn, reused=not prepare)
     sequences.restored(phys.key.db, frame)
     _report_outside(phys, frame, rows, top=True)
 

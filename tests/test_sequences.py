@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 import sa_rollback
-from sa_rollback import ConfigurationError
+from sa_rollback import ConfigurationError, _sequences
 
 from .conftest import DB_A, RUN_ID, WORKER, driver_url, libpq_dsn
 
@@ -152,6 +152,48 @@ def test_deferred_violation_still_resets(seq_engine: sa.Engine, positions: Calla
                 conn.execute(sa.text("INSERT INTO s_shared_b (x) VALUES (999)"))
     assert positions() == before
     with sa_rollback.rollback_scope(reset_sequences=True):  # the connection is usable again
+        assert insert_everywhere(seq_engine, times=1)[0] == 1
+
+
+def _restore_statements(engine: sa.Engine) -> int:
+    """How many restore statements sa_rollback has prepared on the session of ``engine``'s shared connection."""
+    with engine.connect() as conn:
+        query = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'sa_rollback_restore%'"
+        return int(conn.execute(sa.text(query)).scalar_one())
+
+
+def test_a_lost_prepared_restore_still_puts_them_back(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """The restore is a prepared statement: one the application deallocated is sent plainly, and prepared again."""
+    before = positions()
+    # prepared by the first scope; lost in the second, which sends it plainly; prepared again by the third
+    for deallocate, prepared in ((False, None), (True, 1), (True, 0), (False, 1)):
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            assert insert_everywhere(seq_engine) == [1, 2, 1, 2, 1, 2, 1, 2, 3, 4, 1, 2]
+            assert prepared is None or _restore_statements(seq_engine) == prepared
+            if deallocate:
+                with seq_engine.connect() as conn:
+                    conn.execute(sa.text("DEALLOCATE ALL"))
+        assert positions() == before
+    with sa_rollback.rollback_scope(reset_sequences=True):
+        assert _restore_statements(seq_engine) == 1
+
+
+def test_the_drivers_own_prepared_statements_come_and_go(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """psycopg prepares a statement run five times, and deallocates all on a rollback: the restore follows."""
+    before = positions()
+    for _ in range(4):
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            with seq_engine.connect() as conn:
+                for _ in range(8):  # prepared by psycopg 3 from the sixth time
+                    conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1)"))
+                conn.rollback()  # ROLLBACK TO SAVEPOINT: psycopg 3 then deallocates everything
+                conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1)"))
+            assert _restore_statements(seq_engine) <= 1
+        assert positions() == before
+        # never sent an EXECUTE of a statement psycopg had deallocated
+        assert all(session.failures == 0 for session in _sequences._sessions.values())
+    with sa_rollback.rollback_scope(reset_sequences=True):
+        assert _restore_statements(seq_engine) == 1  # prepared again where it had to be, none left behind
         assert insert_everywhere(seq_engine, times=1)[0] == 1
 
 
