@@ -105,7 +105,7 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
         if phys.driver.closed(phys.conn):
             raise
         phys.driver.rollback(phys.conn)
-        if not sequences.lost(phys.conn, exc):
+        if not sequences.lost(phys.conn, "restore", exc):
             phys.execute(after)
             if check:
                 raise deferred_error(phys, frame, exc) from exc

@@ -158,8 +158,12 @@ def test_deferred_violation_still_resets(seq_engine: sa.Engine, positions: Calla
 def _restore_statements(engine: sa.Engine) -> int:
     """How many restore statements sa_rollback has prepared on the session of ``engine``'s shared connection."""
     with engine.connect() as conn:
-        query = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'sa_rollback_restore%'"
-        return int(conn.execute(sa.text(query)).scalar_one())
+        # sa_rollback_<kind>_<token>_<n>: none of the three kinds (restore, fingerprint, snapshot) is left twice
+        kinds = "split_part(name, '_', 3)"
+        query = f"SELECT {kinds}, count(*) FROM pg_prepared_statements WHERE name LIKE 'sa\\_rollback\\_%' GROUP BY 1"
+        counts = dict(conn.execute(sa.text(query)).all())
+        assert set(counts) <= {"restore", "fingerprint", "snapshot"} and max(counts.values(), default=1) == 1
+        return int(counts.get("restore", 0))
 
 
 def test_a_lost_prepared_restore_still_puts_them_back(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
