@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 from ._stats import STATS
 
 #: each readable sequence of the database: its oid, last value (NULL before its first nextval), start
-#: (the privilege check is in the select list, as in the pg_sequences view: in WHERE, the planner
-#: may run it on pg_class rows that are not sequences, and it raises on those)
+#: (the privilege check is guarded by the relkind, as in the pg_sequences view: the planner may run
+#: it on pg_class rows that are not sequences, and it raises on those). Each sequence's pg_class row
+#: is looked up by its oid (OFFSET 0 keeps the lookup a nested loop): a join would scan the whole
+#: of pg_class, most of it tables, indexes and the catalogs, 0.03 ms of 0.06 at 5 sequences.
 SNAPSHOT = (
     "SELECT c.oid::int8, pg_sequence_last_value(c.oid), s.seqstart"
-    " FROM pg_sequence s JOIN pg_class c ON c.oid = s.seqrelid"
+    " FROM pg_sequence s JOIN LATERAL (SELECT * FROM pg_class c WHERE c.oid = s.seqrelid OFFSET 0) c ON true"
     " WHERE c.relkind = 'S' AND NOT pg_is_other_temp_schema(c.relnamespace)"
     " AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT,USAGE') END"
 )

@@ -201,6 +201,30 @@ def test_the_drivers_own_prepared_statements_come_and_go(seq_engine: sa.Engine, 
         assert insert_everywhere(seq_engine, times=1)[0] == 1
 
 
+def test_sequences_it_cannot_read_are_left_alone(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """A sequence the role may not use is not read: reading it would raise."""
+    role = f"sa_rollback_seq_reader_{RUN_ID}_{WORKER}"
+    with psycopg.connect(libpq_dsn(SEQ_DB), autocommit=True) as other:
+        other.execute("CREATE SEQUENCE not_for_readers")
+        other.execute(sql.SQL("DROP ROLE IF EXISTS {0}; CREATE ROLE {0} LOGIN").format(sql.Identifier(role)))
+        other.execute(sql.SQL("GRANT ALL ON s_serial, s_serial_id_seq TO {}").format(sql.Identifier(role)))
+        reader = sa.create_engine(seq_engine.url.set(username=role))
+        try:
+            for engine in (seq_engine, reader):
+                _sequences.untracked()  # read every position anew
+                for _ in range(2):
+                    with sa_rollback.rollback_scope(reset_sequences=True, sequence_databases=None):
+                        with engine.begin() as conn:
+                            assert (
+                                conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1) RETURNING id")).scalar_one()
+                                == 1
+                            )
+        finally:
+            reader.dispose()
+            other.execute("DROP SEQUENCE not_for_readers")
+            other.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
 def test_work_between_scopes_moves_the_reference(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
     """A scope reuses the positions the previous one restored, unless something may have moved them since."""
 
