@@ -73,7 +73,7 @@ def rollback_frame(phys: Rollable, frame: Frame, check: bool) -> None:
         phys.stack.cut(base.index)
         raise deferred_error(phys, frame, exc) from exc
     phys.stack.cut(base.index)
-    sequences.restored(phys.key.db, frame)
+    sequences.restored(phys.key.db, phys.key.user, frame)
     _report_outside(phys, frame, rows, top=False)
 
 
@@ -116,7 +116,7 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
         phys.stack.clear()
         if not aborted:
             sequences.executed(phys.conn, reused=not prepare)
-    sequences.restored(phys.key.db, frame)
+    sequences.restored(phys.key.db, phys.key.user, frame)
     _report_outside(phys, frame, rows, top=True)
 
 

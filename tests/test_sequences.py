@@ -158,11 +158,11 @@ def test_deferred_violation_still_resets(seq_engine: sa.Engine, positions: Calla
 def _restore_statements(engine: sa.Engine) -> int:
     """How many restore statements sa_rollback has prepared on the session of ``engine``'s shared connection."""
     with engine.connect() as conn:
-        # sa_rollback_<kind>_<token>_<n>: none of the three kinds (restore, fingerprint, snapshot) is left twice
+        # sa_rollback_<kind>_<token>_<n>: no kind of statement is left twice
         kinds = "split_part(name, '_', 3)"
         query = f"SELECT {kinds}, count(*) FROM pg_prepared_statements WHERE name LIKE 'sa\\_rollback\\_%' GROUP BY 1"
         counts = dict(conn.execute(sa.text(query)).all())
-        assert set(counts) <= {"restore", "fingerprint", "snapshot"} and max(counts.values(), default=1) == 1
+        assert set(counts) <= {"restore", "fingerprint", "moved", "snapshot"} and max(counts.values(), default=1) == 1
         return int(counts.get("restore", 0))
 
 
@@ -202,7 +202,7 @@ def test_the_drivers_own_prepared_statements_come_and_go(seq_engine: sa.Engine, 
 
 
 def test_sequences_it_cannot_read_are_left_alone(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
-    """A sequence the role may not use is not read: reading it would raise."""
+    """A sequence the role may not use is not read (it would raise), nor the positions another role read."""
     role = f"sa_rollback_seq_reader_{RUN_ID}_{WORKER}"
     with psycopg.connect(libpq_dsn(SEQ_DB), autocommit=True) as other:
         other.execute("CREATE SEQUENCE not_for_readers")
@@ -211,7 +211,6 @@ def test_sequences_it_cannot_read_are_left_alone(seq_engine: sa.Engine, position
         reader = sa.create_engine(seq_engine.url.set(username=role))
         try:
             for engine in (seq_engine, reader):
-                _sequences.untracked()  # read every position anew
                 for _ in range(2):
                     with sa_rollback.rollback_scope(reset_sequences=True, sequence_databases=None):
                         with engine.begin() as conn:
@@ -223,6 +222,25 @@ def test_sequences_it_cannot_read_are_left_alone(seq_engine: sa.Engine, position
             reader.dispose()
             other.execute("DROP SEQUENCE not_for_readers")
             other.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
+def test_a_scope_that_does_not_reset_between_two_that_do(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """The positions known before a scope that does not reset are checked again, and the moved ones taken anew."""
+    with sa_rollback.rollback_scope(reset_sequences=True):
+        assert insert_everywhere(seq_engine, times=1) == [1, 1, 1, 1, 2, 1]
+    with sa_rollback.rollback_scope():  # moves one sequence, for good
+        with seq_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO s_big (x) VALUES (1)"))
+    left = positions()
+    for read_between in (False, True, False):
+        if read_between:
+            with sa_rollback.rollback_scope():  # reads only: nothing moves
+                with seq_engine.connect() as conn:
+                    conn.execute(sa.text("SELECT count(*) FROM s_big")).scalar_one()
+        for _ in range(2):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                assert insert_everywhere(seq_engine, times=1) == [1, 2, 1, 1, 2, 1]
+            assert positions() == left
 
 
 def test_work_between_scopes_moves_the_reference(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
