@@ -154,6 +154,19 @@ def _psycopg_prepared_idx(conn: Any) -> Optional[int]:
     return idx
 
 
+def plain_only(conn: Any) -> None:
+    """``conn`` shares its server session with a connection whose prepared statements are not seen: prepare nothing.
+
+    psycopg's async engine: the shared connection is a sync ``Connection``
+    over the ``AsyncConnection``'s libpq one, and the async connection's
+    ``DEALLOCATE ALL`` would take ours unseen.
+    """
+    session = _sessions.get(conn)
+    if session is None:
+        session = _sessions[conn] = _Session()
+    session.failures = _MAX_FAILURES
+
+
 def _prepared(conn: Any, kind: str, body: str, params: str, args: str, deallocated: bool) -> Optional[tuple[str, str]]:
     """(PREPARE, EXECUTE) of ``body`` on ``conn``'s session (PREPARE empty when it is prepared), or None: send it plain.
 
