@@ -243,6 +243,17 @@ def test_a_scope_that_does_not_reset_between_two_that_do(seq_engine: sa.Engine, 
             assert positions() == left
 
 
+def test_a_sequence_the_test_drops(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """The restore skips a sequence the test dropped (the rollback brings it back) instead of failing on it."""
+    before = positions()
+    for _ in range(2):
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            assert insert_everywhere(seq_engine, times=1)[:2] == [1, 1]
+            with seq_engine.begin() as conn:
+                conn.execute(sa.text("DROP TABLE s_big"))  # and its sequence
+        assert positions() == before
+
+
 def test_work_between_scopes_moves_the_reference(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
     """A scope reuses the positions the previous one restored, unless something may have moved them since."""
 
