@@ -243,6 +243,26 @@ def test_a_scope_that_does_not_reset_between_two_that_do(seq_engine: sa.Engine, 
             assert positions() == left
 
 
+def test_prepared_statements_lost_again_and_again(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """A session that keeps losing them (a transaction-pooling PgBouncer) gets the plain statements."""
+    before = positions()
+    try:
+        for _ in range(4):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                assert insert_everywhere(seq_engine, times=1)[:2] == [1, 1]
+                with seq_engine.connect() as conn:
+                    conn.execute(sa.text("DEALLOCATE ALL"))
+            assert positions() == before
+        for _ in range(2):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                assert _restore_statements(seq_engine) == 0  # the first would have prepared them again
+                assert insert_everywhere(seq_engine, times=1)[:2] == [1, 1]
+            assert positions() == before
+    finally:
+        for session in _sequences._sessions.values():
+            session.failures = 0
+
+
 def test_a_sequence_the_test_drops(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
     """The restore skips a sequence the test dropped (the rollback brings it back) instead of failing on it."""
     before = positions()
