@@ -90,13 +90,13 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
     after = f"ROLLBACK; {frame.reset_sql}"
     # The same as Driver.rollback_outer does for psycopg 3's prepared statements.
     forget = phys.driver.forget_prepared(phys.conn)
-    prepare = ""
+    prepare = execute = ""
     aborted = phys.driver.status(phys.conn) == INERROR
     if aborted:
         undo = after
     else:
-        prepare, restore = sequences.restore_call(phys.conn, frame.reset_sql, deallocated=bool(forget))
-        undo = f"{restore}; ROLLBACK"
+        prepare, execute = sequences.restore_call(phys.conn, frame.reset_sql, deallocated=bool(forget))
+        undo = f"{execute or frame.reset_sql}; ROLLBACK"
     sql = forget + prepare + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
     try:
         rows = _run(phys, sql, probe)
@@ -115,7 +115,7 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
         rows = _run(phys, after, probe)
     else:
         phys.stack.clear()
-        if not aborted:
+        if execute:
             sequences.executed(phys.conn, reused=not prepare)
     sequences.restored(phys.key.db, phys.key.user, frame)
     _report_outside(phys, frame, rows, top=True)
