@@ -32,6 +32,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 from ._drivers import IDLE, INERROR, INTRANS, DatabaseKey, Driver, driver_for
+from ._sequences import plain_only
 from ._sqla import await_, in_greenlet
 from .errors import ConfigurationError
 
@@ -375,6 +376,7 @@ class PsycopgAsyncDriver(_AdapterDriver):
             pass
         driver = driver_for(sync)
         assert driver is not None
+        plain_only(sync)  # the async connection's own prepared statements are not seen from it
         return sync, _SyncView(record, sync), driver
 
 

@@ -261,7 +261,9 @@ class Physical:
         frame = Frame(scope, base)
         if reset:
             self._check_driver_free()
-            frame.reset_sql, frame.reset_fp = sequences.reference(self.driver.name, self.conn, self.key.db, not nested)
+            frame.reset_sql, frame.reset_fp = sequences.reference(
+                self.driver.name, self.conn, self.key.db, self.key.user, not nested
+            )
         else:
             sequences.forget(self.key.db)
             if not nested:

@@ -73,7 +73,7 @@ def rollback_frame(phys: Rollable, frame: Frame, check: bool) -> None:
         phys.stack.cut(base.index)
         raise deferred_error(phys, frame, exc) from exc
     phys.stack.cut(base.index)
-    sequences.restored(phys.key.db, frame)
+    sequences.restored(phys.key.db, phys.key.user, frame)
     _report_outside(phys, frame, rows, top=False)
 
 
@@ -88,13 +88,16 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
     believes one is open, is handled by :meth:`Driver.begin_outer`.
     """
     after = f"ROLLBACK; {frame.reset_sql}"
-    if phys.driver.status(phys.conn) == INERROR:
-        undo = after
-    else:
-        undo = f"{frame.reset_sql}; ROLLBACK"
     # The same as Driver.rollback_outer does for psycopg 3's prepared statements.
     forget = phys.driver.forget_prepared(phys.conn)
-    sql = forget + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
+    prepare = execute = ""
+    aborted = phys.driver.status(phys.conn) == INERROR
+    if aborted:
+        undo = after
+    else:
+        prepare, execute = sequences.restore_call(phys.conn, frame.reset_sql, deallocated=bool(forget))
+        undo = f"{execute or frame.reset_sql}; ROLLBACK"
+    sql = forget + prepare + (f"SET CONSTRAINTS ALL IMMEDIATE; {undo}" if check else undo)
     try:
         rows = _run(phys, sql, probe)
     except Exception as exc:
@@ -102,12 +105,19 @@ def _rollback_outer_restoring(phys: Rollable, frame: Frame, check: bool, probe: 
         if phys.driver.closed(phys.conn):
             raise
         phys.driver.rollback(phys.conn)
-        phys.execute(after)
-        if check:
-            raise deferred_error(phys, frame, exc) from exc
-        raise
-    phys.stack.clear()
-    sequences.restored(phys.key.db, frame)
+        if not (sequences.lost(phys.conn, "restore", exc) or sequences.dropped(exc)):
+            phys.execute(after)
+            if check:
+                raise deferred_error(phys, frame, exc) from exc
+            raise
+        # Only the prepared statement was missing, or the test dropped a sequence, which the
+        # ROLLBACK brings back: the transaction is rolled back, put them back now.
+        rows = _run(phys, after, probe)
+    else:
+        phys.stack.clear()
+        if execute:
+            sequences.executed(phys.conn, reused=not prepare)
+    sequences.restored(phys.key.db, phys.key.user, frame)
     _report_outside(phys, frame, rows, top=True)
 
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 import sa_rollback
-from sa_rollback import ConfigurationError
+from sa_rollback import ConfigurationError, _sequences
 
 from .conftest import DB_A, RUN_ID, WORKER, driver_url, libpq_dsn
 
@@ -153,6 +153,126 @@ def test_deferred_violation_still_resets(seq_engine: sa.Engine, positions: Calla
     assert positions() == before
     with sa_rollback.rollback_scope(reset_sequences=True):  # the connection is usable again
         assert insert_everywhere(seq_engine, times=1)[0] == 1
+
+
+def _restore_statements(engine: sa.Engine) -> int:
+    """How many restore statements sa_rollback has prepared on the session of ``engine``'s shared connection."""
+    with engine.connect() as conn:
+        # sa_rollback_<kind>_<token>_<n>: no kind of statement is left twice
+        kinds = "split_part(name, '_', 3)"
+        query = f"SELECT {kinds}, count(*) FROM pg_prepared_statements WHERE name LIKE 'sa\\_rollback\\_%' GROUP BY 1"
+        counts = dict(conn.execute(sa.text(query)).all())
+        assert set(counts) <= {"restore", "fingerprint", "moved", "snapshot"} and max(counts.values(), default=1) == 1
+        return int(counts.get("restore", 0))
+
+
+def test_a_lost_prepared_restore_still_puts_them_back(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """The restore is a prepared statement: one the application deallocated is sent plainly, and prepared again."""
+    before = positions()
+    # prepared by the first scope; lost in the second, which sends it plainly; prepared again by the third
+    for deallocate, prepared in ((False, None), (True, 1), (True, 0), (False, 1)):
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            assert insert_everywhere(seq_engine) == [1, 2, 1, 2, 1, 2, 1, 2, 3, 4, 1, 2]
+            assert prepared is None or _restore_statements(seq_engine) == prepared
+            if deallocate:
+                with seq_engine.connect() as conn:
+                    conn.execute(sa.text("DEALLOCATE ALL"))
+        assert positions() == before
+    with sa_rollback.rollback_scope(reset_sequences=True):
+        assert _restore_statements(seq_engine) == 1
+
+
+def test_the_drivers_own_prepared_statements_come_and_go(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """psycopg prepares a statement run five times, and deallocates all on a rollback: the restore follows."""
+    before = positions()
+    for _ in range(4):
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            with seq_engine.connect() as conn:
+                for _ in range(8):  # prepared by psycopg 3 from the sixth time
+                    conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1)"))
+                conn.rollback()  # ROLLBACK TO SAVEPOINT: psycopg 3 then deallocates everything
+                conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1)"))
+            assert _restore_statements(seq_engine) <= 1
+        assert positions() == before
+        # never sent an EXECUTE of a statement psycopg had deallocated
+        assert all(session.failures == 0 for session in _sequences._sessions.values())
+    with sa_rollback.rollback_scope(reset_sequences=True):
+        assert _restore_statements(seq_engine) == 1  # prepared again where it had to be, none left behind
+        assert insert_everywhere(seq_engine, times=1)[0] == 1
+
+
+def test_sequences_it_cannot_read_are_left_alone(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """A sequence the role may not use is not read (it would raise), nor the positions another role read."""
+    role = f"sa_rollback_seq_reader_{RUN_ID}_{WORKER}"
+    with psycopg.connect(libpq_dsn(SEQ_DB), autocommit=True) as other:
+        other.execute("CREATE SEQUENCE not_for_readers")
+        other.execute(sql.SQL("DROP ROLE IF EXISTS {0}; CREATE ROLE {0} LOGIN").format(sql.Identifier(role)))
+        other.execute(sql.SQL("GRANT ALL ON s_serial, s_serial_id_seq TO {}").format(sql.Identifier(role)))
+        reader = sa.create_engine(seq_engine.url.set(username=role))
+        try:
+            for engine in (seq_engine, reader):
+                for _ in range(2):
+                    with sa_rollback.rollback_scope(reset_sequences=True, sequence_databases=None):
+                        with engine.begin() as conn:
+                            assert (
+                                conn.execute(sa.text("INSERT INTO s_serial (x) VALUES (1) RETURNING id")).scalar_one()
+                                == 1
+                            )
+        finally:
+            reader.dispose()
+            other.execute("DROP SEQUENCE not_for_readers")
+            other.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(role)))
+
+
+def test_a_scope_that_does_not_reset_between_two_that_do(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """The positions known before a scope that does not reset are checked again, and the moved ones taken anew."""
+    with sa_rollback.rollback_scope(reset_sequences=True):
+        assert insert_everywhere(seq_engine, times=1) == [1, 1, 1, 1, 2, 1]
+    with sa_rollback.rollback_scope():  # moves one sequence, for good
+        with seq_engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO s_big (x) VALUES (1)"))
+    left = positions()
+    for read_between in (False, True, False):
+        if read_between:
+            with sa_rollback.rollback_scope():  # reads only: nothing moves
+                with seq_engine.connect() as conn:
+                    conn.execute(sa.text("SELECT count(*) FROM s_big")).scalar_one()
+        for _ in range(2):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                assert insert_everywhere(seq_engine, times=1) == [1, 2, 1, 1, 2, 1]
+            assert positions() == left
+
+
+def test_prepared_statements_lost_again_and_again(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """A session that keeps losing them (a transaction-pooling PgBouncer) gets the plain statements."""
+    before = positions()
+    try:
+        # every other scope, at the latest, EXECUTEs a restore that a DEALLOCATE ALL took: three in a row
+        for _ in range(7):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                assert insert_everywhere(seq_engine, times=1)[:2] == [1, 1]
+                with seq_engine.connect() as conn:
+                    conn.execute(sa.text("DEALLOCATE ALL"))
+            assert positions() == before
+        for _ in range(2):
+            with sa_rollback.rollback_scope(reset_sequences=True):
+                assert _restore_statements(seq_engine) == 0  # the first would have prepared them again
+                assert insert_everywhere(seq_engine, times=1)[:2] == [1, 1]
+            assert positions() == before
+    finally:
+        for session in _sequences._sessions.values():
+            session.failures = 0
+
+
+def test_a_sequence_the_test_drops(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
+    """The restore skips a sequence the test dropped (the rollback brings it back) instead of failing on it."""
+    before = positions()
+    for _ in range(2):
+        with sa_rollback.rollback_scope(reset_sequences=True):
+            assert insert_everywhere(seq_engine, times=1)[:2] == [1, 1]
+            with seq_engine.begin() as conn:
+                conn.execute(sa.text("DROP TABLE s_big"))  # and its sequence
+        assert positions() == before
 
 
 def test_work_between_scopes_moves_the_reference(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
