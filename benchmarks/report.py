@@ -409,6 +409,13 @@ def _nodb_table(results: dict[str, Any]) -> list[str]:
             f"| **plugin overhead per test** ({how}; runs paired, plugin minus plain) | "
             f"**{_ci(p['plugin_overhead_us_per_test'])}** |",
         ]
+        if "hooks_us_per_test" in p:
+            lines += [
+                f"| pytest ({how}), `sa_rollback.plugin` imported, not registered: mean test | "
+                f"{_ci(p['imported_us_per_test'], False)} |",
+                f"| **the plugin's per-test hooks** ({how}; runs paired, plugin minus imported) | "
+                f"**{_ci(p['hooks_us_per_test'])}** |",
+            ]
     if "core" in nodb:
         c = nodb["core"]
         lines += [
