@@ -76,25 +76,27 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
         return
     pool = pool_of(connection_proxy)
     info = connection_record.info
-    vacatable = lends_one_at_a_time(pool)
+    vacant = type(dbapi_connection) is Vacant
+    # A record that holds a placeholder already (the usual checkout in a test) asks nothing more.
+    vacatable = not vacant and lends_one_at_a_time(pool)
     phys = state.physical_for(dbapi_connection, pool, info, connection_record if vacatable else None)
     if phys is None:
         return
     driver = phys.driver
-    if vacatable and type(dbapi_connection) is not Vacant and not (driver.per_loop or driver.async_facing):
+    if vacatable:  # a sync pool (lends_one_at_a_time): its shared connection is a sync one
         if connection_record.dbapi_connection is dbapi_connection:
             # The shared connection was there already: this one is not needed in the scope.
             placeholder = Vacant(pool, driver, driver.autocommit(dbapi_connection))
             close_connection(connection_record, placeholder)
             state.vacated(info, placeholder, driver, phys.key)
         dbapi_connection = connection_record.dbapi_connection  # the placeholder
+        vacant = True
     autocommit = driver.autocommit(dbapi_connection)
     guard: Optional[PoolConnectionGuard] = info.get(GUARD_KEY)
     if guard is None or guard.real is not dbapi_connection:
         # The pool's own connection may be another kind than the shared one (psycopg async).
         # A placeholder is not asked: it would connect to answer.
-        own = driver if type(dbapi_connection) is Vacant else None
-        own = own or driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
+        own = driver if vacant else (driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver)
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, own)
     elif not guard.count:
         guard.lend()  # still read-only since an earlier checkout in a scope (give_back's to_pool)

@@ -238,7 +238,7 @@ class LazyScope:
         return self.scope
 
     def cancel(self) -> bool:
-        """Forget the scope if nothing made it: True then. Otherwise close :attr:`scope`."""
+        """Forget the scope if nothing made it: True then. Otherwise the caller closes :attr:`scope`."""
         return STATE.cancel(self)
 
 
