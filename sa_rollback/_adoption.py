@@ -65,8 +65,9 @@ class Registry(ScopeSource, Protocol):
     def warn_once(self, key: Any, message: str) -> None: ...
 
 
-#: checkouts made while no scope was open: id(pool record) -> (weak ref to the pool's proxy, where)
-_noted: dict[int, tuple[weakref.ref[Any], Site]] = {}
+#: checkouts made while no scope was open: id(pool record) -> (weak ref to the pool's proxy, where).
+#: Read as a bool by :meth:`._scope.LazyScope.open`, once per test (a call would cost more); written only here.
+NOTED: dict[int, tuple[weakref.ref[Any], Site]] = {}
 
 #: the question "did this transaction write?", answered by the server alone (PostgreSQL 13+)
 _WROTE = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
@@ -74,7 +75,7 @@ _WROTE = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
 
 def note_checkout(fairy: Any, record: Any) -> None:
     """The pool lent ``fairy`` while no scope is open; a scope that opens before it returns adopts it."""
-    _noted[id(record)] = (weakref.ref(fairy), caller_site(2))
+    NOTED[id(record)] = (weakref.ref(fairy), caller_site(2))
     untracked_sequences()  # what it runs is real, and may move sequences
     unguard_idle(record)
 
@@ -83,7 +84,7 @@ def note_existing() -> None:
     """Note the connections checked out before the listeners were installed (a conftest's import)."""
     for obj in gc.get_objects():
         if type(obj) is Fairy and held_connection(obj) is not None and record_of(obj) is not None:
-            _noted.setdefault(id(record_of(obj)), (weakref.ref(obj), None))
+            NOTED.setdefault(id(record_of(obj)), (weakref.ref(obj), None))
 
 
 class Adoption:
@@ -180,15 +181,15 @@ def _wrote(real: Any) -> bool:
 
 def has_noted() -> bool:
     """Is any connection noted as lent outside every scope (perhaps returned since)?"""
-    return bool(_noted)
+    return bool(NOTED)
 
 
 def adopt_noted(registry: Registry) -> None:
     """A scope has opened: every noted connection still checked out joins it on first use."""
     entries: list[tuple[weakref.ref[Any], Site]] = []
-    while _noted:
+    while NOTED:
         try:
-            entries.append(_noted.popitem()[1])
+            entries.append(NOTED.popitem()[1])
         except KeyError:  # another thread took the last one
             break
     for fairy_ref, site in entries:
@@ -223,7 +224,7 @@ def release(logical: LogicalConnection, fairy: Any) -> list[SaRollbackError]:
         logical.end()
     stand_in(fairy, adoption.real)
     if record is not None:
-        _noted[id(record)] = (adoption.fairy, adoption.site)
+        NOTED[id(record)] = (adoption.fairy, adoption.site)
     return errors
 
 

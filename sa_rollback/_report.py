@@ -15,7 +15,7 @@ from typing import Any, Optional
 import pytest
 
 from ._outside import OUTSIDE
-from ._run import Databases, is_xdist_controller, settings_key
+from ._run import TESTS, Databases, TestScope, is_xdist_controller, settings_key
 from ._settings import OPTIONS, Settings
 from ._stats import STATS
 
@@ -65,8 +65,11 @@ class RunReport:
         self.rollback += seconds
         self.closed_entry(seconds, nodeid)
 
-    def collect(self, databases: Optional[Databases]) -> None:
-        """Take the core's counters and the provisioning timings of this process (once, at the end)."""
+    def collect(self, databases: Optional[Databases], tests: Optional[TestScope]) -> None:
+        """Take the core's and the tests' counters and the provisioning timings of this process (once, at the end)."""
+        if tests is not None:
+            self.tests += tests.count
+            tests.count = 0
         self.savepoints += STATS.savepoints
         self.round_trips += STATS.round_trips
         self.databases |= STATS.databases
@@ -183,7 +186,7 @@ def worker_done(config: pytest.Config, databases: Databases) -> None:
     """An xdist worker's figures, for the controller (read in :func:`node_down`)."""
     report = config.stash.get(report_key, None)
     if report is not None:
-        report.collect(databases)
+        report.collect(databases, TESTS.get(config))
         config.workeroutput[WORKER_KEY] = report.as_dict()  # type: ignore[attr-defined]
 
 
@@ -200,7 +203,7 @@ def summary(terminalreporter: Any, config: pytest.Config, databases: Databases) 
     settings = config.stash[settings_key]
     if report is None or not (settings.report and settings.enabled):
         return
+    report.collect(databases, TESTS.get(config))
     if not report.tests and databases.planned_timings() is None and report.processes <= 1:
         return  # nothing was isolated or provisioned (sa_rollback off, or no test used a database)
-    report.collect(databases)
     write(terminalreporter, report, config.getoption("verbose") > 0)

@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar
 
 import pytest
 
-from ._scope import LazyScope
+from ._adoption import NOTED
+from ._scope import LazyScope, RollbackScope
 from ._settings import Settings
 from ._state import STATE
 from .databases import (
@@ -33,8 +35,10 @@ from .errors import SaRollbackError, SaRollbackWarning
 
 T = TypeVar("T")
 settings_key = pytest.StashKey[Settings]()
-#: the test's scope, made on first use (None when the test runs without one); set when its first fixture is set up
-scope_key = pytest.StashKey[Optional[LazyScope]]()
+#: each run's :class:`TestScope`, by its config, for as long as it is configured (None when
+#: sa_rollback is off). A dict, not ``config.stash``: the per-fixture hook reads it, and a dict
+#: lookup costs no call where the stash costs three.
+TESTS: dict[pytest.Config, Optional[TestScope]] = {}
 databases_key = pytest.StashKey["Databases"]()
 #: the pytest scope (0 function ... 4 session) of each rollback scope the plugin opened, by id
 ranks_key = pytest.StashKey[dict[int, int]]()
@@ -166,3 +170,170 @@ class Databases:
                     stacklevel=2,
                 )
             self.provisioned = None
+
+
+class TestReport(Protocol):
+    """What the end-of-run report counts of each test's scope (:class:`._report.RunReport`)."""
+
+    setup: float
+
+    def closed(self, nodeid: str, seconds: float) -> None: ...
+
+
+class TestScope(LazyScope):
+    """The lazy scope of each test in turn, from the test's setup to its teardown.
+
+    This is what a test that touches no database pays for, so it is one
+    object for the whole run, reused test after test, with one bound method
+    as every test's finalizer: nothing is made, allocated or stored per test
+    unless the test uses a database.
+    """
+
+    __slots__ = (
+        "_check_deferred",
+        "_config",
+        "_hint",
+        "_parent",
+        "_parent_marker",
+        "_report",
+        "begun",
+        "count",
+        "finish",
+        "forget",
+        "item",
+        "resets",
+        "resets_by_default",
+    )
+
+    def __init__(self, config: pytest.Config, settings: Settings, report: TestReport, deferred_hint: str) -> None:
+        super().__init__(self._make_scope)
+        self._config = config
+        self._report = report
+        self._check_deferred = settings.check_deferred
+        self._hint = deferred_hint
+        #: does a test without a marker saying otherwise reset sequences?
+        self.resets_by_default = settings.reset_sequences
+        #: the parent of the last test begun, and the closest sa_rollback marker on it or above
+        self._parent: Any = None
+        self._parent_marker: Optional[pytest.Mark] = None
+        #: tests ended since the report last took the count (kept here: the report is one more object per test)
+        self.count = 0
+        #: the test whose setup has begun (its scope opened, or found it has none), to its teardown
+        self.begun: Optional[pytest.Item] = None
+        #: the test whose scope is open (lazily), to its teardown
+        self.item: Optional[pytest.Item] = None
+        #: does the current test reset sequences?
+        self.resets = False
+        #: the finalizer of every test with a scope: run after its function fixtures' teardown
+        self.finish = self._finish
+        #: the finalizer of a test with a marker: a second run of it (a rerun plugin's) begins again
+        self.forget = self._forget
+
+    def begin(self, item: pytest.Item) -> Optional[pytest.Mark]:
+        """Begin ``item``: open its scope, lazily, unless it has an ``sa_rollback`` marker.
+
+        The marker is returned then, and nothing is opened: the caller reads
+        it, and calls :meth:`open_for` if the test is to have a scope. The
+        marker walk and :meth:`open_for` are written out here, since every
+        test comes here.
+        """
+        self.begun = item
+        for mark in item.own_markers:
+            if mark.name == "sa_rollback":
+                return mark
+        parent = item.parent
+        if parent is not self._parent:
+            # Read once per class or module: walking up to the session touched objects that
+            # pytest had not touched since, and that cost a test some microseconds.
+            self._parent = parent
+            self._parent_marker = closest_marker(parent)
+        if self._parent_marker is not None:
+            return self._parent_marker
+        self.item = item
+        self.resets = self.resets_by_default
+        if NOTED:  # what was lent before must be adopted as the scope opens: it cannot wait
+            self.scope = self._make().__enter__()
+        else:  # LazyScope.open, written out
+            self.scope = None
+            STATE.defer(self)
+        item.addfinalizer(self.finish)
+        return None
+
+    def open_for(self, item: pytest.Item, resets: bool) -> None:
+        """Open ``item``'s scope, lazily; it is rolled back after the item's function fixtures are torn down."""
+        self.item = item
+        self.resets = resets
+        self.open()
+        item.addfinalizer(self.finish)
+
+    def current(self, item: object) -> Optional[RollbackScope]:
+        """The scope of ``item`` (made now if not yet), or None when it runs without one."""
+        return self.get() if self.item is item else None
+
+    def made(self, item: object) -> Optional[RollbackScope]:
+        """The scope of ``item`` if it is made already, else None."""
+        return self.scope if self.item is item else None
+
+    def _make_scope(self) -> RollbackScope:
+        # Called when the test first uses a database (see LazyScope).
+        started = time.perf_counter()
+        item = self.item
+        assert item is not None
+        sequences: dict[str, Any] = {}
+        if self.resets:
+            owned = self._config.stash[databases_key].get().owned()
+            sequences = {"reset_sequences": True, "sequence_databases": owned}
+        scope = RollbackScope(item.nodeid, check_deferred=self._check_deferred, **sequences)
+        scope.deferred_hint = self._hint
+        self._report.setup += time.perf_counter() - started
+        return scope
+
+    def _forget(self) -> None:
+        self.begun = None
+
+    def _finish(self) -> None:
+        __tracebackhide__ = True
+        self.count += 1
+        item, self.item, self.begun = self.item, None, None
+        if STATE.cancel(self):
+            return  # never used, and now forgotten: nothing to roll back (LazyScope.end, written out)
+        scope, self.scope = self.scope, None
+        if scope is None:
+            return
+        if scope.errors:
+            # What the test's call raised (pytest keeps it in sys.last_value) is not raised again.
+            prune(scope, getattr(sys, "last_value", None))
+        started = time.perf_counter()
+        try:
+            scope.close()
+        finally:
+            self._report.closed(item.nodeid if item is not None else "?", time.perf_counter() - started)
+
+
+def closest_marker(node: Any) -> Optional[pytest.Mark]:
+    """``node.get_closest_marker("sa_rollback")``, without its generators."""
+    while node is not None:
+        for mark in node.own_markers:
+            if mark.name == "sa_rollback":
+                return mark  # type: ignore[no-any-return]
+        node = node.parent
+    return None
+
+
+def prune(scope: Optional[RollbackScope], raised: Optional[BaseException]) -> None:
+    """An error the test already failed with is not reported a second time by its scope's teardown.
+
+    The scope keeps errors such as a refused multi-statement ``COMMIT`` so that
+    the test fails even when the application catches them; when the error
+    reached pytest anyway, it is reported once, where it happened.
+    """
+    if scope is None or not scope.errors or raised is None:
+        return
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    error: Optional[BaseException] = raised
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    scope.errors[:] = [kept for kept in scope.errors if not any(kept is e for e in chain)]

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Optional
 
-from ._adoption import adopt_noted, has_noted, release_adopted
+from ._adoption import NOTED, adopt_noted, release_adopted
 from ._listeners import install as install_listeners
 from ._physical import Physical
 from ._sqla import greenlet_spawn
@@ -202,26 +202,32 @@ class RollbackScope:
 
 
 class LazyScope:
-    """A :class:`RollbackScope` made and opened only when something first needs it.
+    """A :class:`RollbackScope` made and opened only when something first needs it, at each :meth:`open`.
 
-    The pytest plugin's scope of each test: a test that never uses a database
-    pays for this object alone. The scope is made by ``make`` and joins the
-    open scopes when the checkout listener, a statement, another scope or
-    :meth:`get` first asks for the innermost scope, so for everything it
-    isolates it is as if it had opened here. Where a connection lent before it
-    waits to be adopted, it opens at once, as ``__enter__`` would.
+    The pytest plugin's scope of every test, one object for the whole run: a
+    test that never uses a database pays for :meth:`open` and :meth:`end`
+    alone, with no scope made and nothing allocated. The scope is made by
+    ``make`` and joins the open scopes when the checkout listener, a
+    statement, another scope or :meth:`get` first asks for the innermost
+    scope, so for everything it isolates it is as if it had opened at
+    :meth:`open`. Where a connection lent before it waits to be adopted, it
+    opens at once, as ``__enter__`` would.
     """
 
     __slots__ = ("_make", "scope")
 
     def __init__(self, make: Callable[[], RollbackScope]) -> None:
         self._make = make
-        #: the scope, once made
+        #: the scope of this opening, once made
         self.scope: Optional[RollbackScope] = None
-        if has_noted():
-            self.scope = make().__enter__()
+        install()
+
+    def open(self) -> None:
+        """Open again, lazily; the scope of the previous opening must have ended (:meth:`end`)."""
+        if NOTED:
+            self.scope = self._make().__enter__()
         else:
-            install()
+            self.scope = None
             STATE.defer(self)
 
     def __call__(self) -> RollbackScope:
@@ -237,9 +243,12 @@ class LazyScope:
         assert self.scope is not None
         return self.scope
 
-    def cancel(self) -> bool:
-        """Forget the scope if nothing made it: True then. Otherwise the caller closes :attr:`scope`."""
-        return STATE.cancel(self)
+    def end(self) -> Optional[RollbackScope]:
+        """End this opening: None if its scope was never made (then it is forgotten), else the scope to close."""
+        if STATE.cancel(self):
+            return None
+        scope, self.scope = self.scope, None
+        return scope
 
 
 def rollback_scope(

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 import pytest
 
 from ._queries import Queries
-from ._run import databases_key, scope_key, settings_key
+from ._run import TESTS, databases_key, settings_key
 from ._scope import RollbackScope
 from ._settings import Settings
 from .errors import ConfigurationError
@@ -35,8 +35,8 @@ def sa_rollback_scope(request: pytest.FixtureRequest) -> Optional[RollbackScope]
     when it closes. ``sa_rollback_scope.errors`` lists problems that SQLAlchemy
     would otherwise swallow; the test fails with the first one at teardown.
     """
-    lazy = request.node.stash.get(scope_key, None)
-    return None if lazy is None else lazy.get()
+    tests = TESTS.get(request.config)
+    return None if tests is None else tests.current(request.node)
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +204,8 @@ def sa_queries(request: pytest.FixtureRequest) -> Generator[Queries, None, None]
     ``--sa-rollback=off`` or ``@pytest.mark.sa_rollback(enabled=False)`` or
     ``real_commits=True``). Without pytest: ``with sa_rollback.capture_queries() as queries:``.
     """
-    if request.node.stash.get(scope_key, None) is None:
+    tests = TESTS.get(request.config)
+    if tests is None or tests.item is not request.node:
         raise ConfigurationError(
             f"sa_queries records the statements of the test's rollback scope, and {request.node.nodeid} runs "
             "without one (--sa-rollback=off, or @pytest.mark.sa_rollback(enabled=False) or real_commits=True)."

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 import threading
-import time
 from collections.abc import Generator
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Literal, Optional
@@ -13,10 +10,10 @@ from typing import Any, Callable, Literal, Optional
 import pytest
 
 from . import _report, _signals
-from ._marks import marker_of, read_marker, resets_sequences, sequence_scope_args
+from ._marks import read_marker, resets_sequences, sequence_scope_args
 from ._report import report_key
-from ._run import Databases, databases_key, is_xdist_controller, ranks_key, scope_key, settings_key
-from ._scope import LazyScope, RollbackScope, open_scopes, suspended
+from ._run import TESTS, Databases, TestScope, databases_key, is_xdist_controller, prune, ranks_key, settings_key
+from ._scope import RollbackScope, open_scopes, suspended
 from ._settings import OPTIONS, Option, Settings, resolve
 from ._state import STATE
 from .errors import ConfigurationError, SaRollbackWarning, ScopeError
@@ -103,7 +100,7 @@ def pytest_configure(config: pytest.Config) -> None:
     databases = Databases(config, settings)
     config.stash[databases_key] = databases
     _report.configure(config, settings, databases)
-    config.stash[_hot_key] = (settings, config.stash[report_key])
+    TESTS[config] = TestScope(config, settings, config.stash[report_key], _DEFERRED_HINT) if settings.enabled else None
     config.stash[_signals.restore_key] = _signals.install()  # SIGTERM (a cancelled CI job) cleans up as Ctrl-C does
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(databases), "sa_rollback_xdist")
@@ -183,6 +180,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    TESTS.pop(config, None)
     _report.unconfigure()
     databases = config.stash.get(databases_key, None)
     if databases is not None:
@@ -208,95 +206,34 @@ def _data_scope_resets(request: pytest.FixtureRequest) -> bool:
     return config.stash[_any_resets_key]
 
 
-def _begin(item: pytest.Item) -> None:
-    """Open the test's scope (or snapshot for real commits); the item's teardown closes it.
+def _begin_marked(item: pytest.Item, tests: TestScope, marker: pytest.Mark) -> None:
+    """Begin a test that has an ``sa_rollback`` marker: :meth:`TestScope.begin` returned it.
 
-    Called when the first function-scoped fixture of the test is set up, or
-    at the end of its setup if it has none: after every wider fixture, before
-    every function fixture. The finalizer is registered before any function
-    fixture's, so it runs after all of them and before wider ones are torn down.
-    A bad marker, or a refusal, is raised here, before any of the test's own
-    code has run: a setup error of the test.
+    Tests are begun when the first function-scoped fixture of the test is set
+    up, or at the end of its setup if it has none: after every wider fixture,
+    before every function fixture. The finalizer is registered before any
+    function fixture's, so it runs after all of them and before wider ones are
+    torn down. A bad marker, or a refusal, is raised here, before any of the
+    test's own code has run: a setup error of the test.
     """
-    stash = item.stash
-    settings, report = item.config.stash[_hot_key]
-    if not settings.enabled:
-        stash[scope_key] = None
-        return
-    marker = marker_of(item)
-    resets = settings.reset_sequences
-    if marker is not None:
-        __tracebackhide__ = True
-        stash[scope_key] = None
-        enabled, real_commits = read_marker(marker)
-        if not enabled:
-            return
-        if real_commits:
-            _check_restorable(item)
-            for outer in open_scopes():
-                raise ConfigurationError(
-                    f"@pytest.mark.sa_rollback(real_commits=True) on {item.nodeid}: the test runs inside "
-                    f"{outer.label!r}, whose data is rolled back when it ends. Real commits would make "
-                    "that data permanent, and restoring the database afterwards would drop it before "
-                    "its scope ends. Move the test where no sa_rollback_*_scope fixture is in use (another "
-                    "module or class), or drop real_commits=True."
-                )
-            item.addfinalizer(_snapshot_all(item))
-            return
-        resets = resets_sequences(item, marker)
-    lazy = LazyScope(functools.partial(_make_test_scope, item, settings, resets))
-    stash[scope_key] = lazy
-    item.addfinalizer(functools.partial(_end, item, lazy, report))
-
-
-def _make_test_scope(item: pytest.Item, settings: Settings, resets: bool) -> RollbackScope:
-    """The test's scope, made when the test first uses a database (see LazyScope)."""
-    started = time.perf_counter()
-    scope = RollbackScope(
-        item.nodeid, check_deferred=settings.check_deferred, **sequence_scope_args(item.config, resets)
-    )
-    scope.deferred_hint = _DEFERRED_HINT
-    item.config.stash[report_key].setup += time.perf_counter() - started
-    return scope
-
-
-def _end(item: pytest.Item, lazy: LazyScope, report: _report.RunReport) -> None:
-    """The test's teardown, after its function fixtures': roll back what it wrote."""
     __tracebackhide__ = True
-    report.tests += 1
-    # pytest keeps every item, and its stash, to the end of the run: a scope left there
-    # would make each garbage collection longer by one more object graph per test.
-    item.stash[scope_key] = None
-    if lazy.cancel():
-        return  # never used: nothing to roll back
-    scope = lazy.get()
-    if scope.errors:
-        # What the test's call raised (pytest keeps it in sys.last_value) is not raised again.
-        _prune(scope, getattr(sys, "last_value", None))
-    started = time.perf_counter()
-    try:
-        scope.close()
-    finally:
-        report.closed(item.nodeid, time.perf_counter() - started)
-
-
-def _prune(scope: Optional[RollbackScope], raised: Optional[BaseException]) -> None:
-    """An error the test already failed with is not reported a second time by its scope's teardown.
-
-    The scope keeps errors such as a refused multi-statement ``COMMIT`` so that
-    the test fails even when the application catches them; when the error
-    reached pytest anyway, it is reported once, where it happened.
-    """
-    if scope is None or not scope.errors or raised is None:
+    item.addfinalizer(tests.forget)
+    enabled, real_commits = read_marker(marker)
+    if not enabled:
         return
-    seen: set[int] = set()
-    chain: list[BaseException] = []
-    error: Optional[BaseException] = raised
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    scope.errors[:] = [kept for kept in scope.errors if not any(kept is e for e in chain)]
+    if real_commits:
+        _check_restorable(item)
+        for outer in open_scopes():
+            raise ConfigurationError(
+                f"@pytest.mark.sa_rollback(real_commits=True) on {item.nodeid}: the test runs inside "
+                f"{outer.label!r}, whose data is rolled back when it ends. Real commits would make "
+                "that data permanent, and restoring the database afterwards would drop it before "
+                "its scope ends. Move the test where no sa_rollback_*_scope fixture is in use (another "
+                "module or class), or drop real_commits=True."
+            )
+        item.addfinalizer(_snapshot_all(item))
+        return
+    tests.open_for(item, resets_sequences(item, marker))
 
 
 #: how a pytest user skips the deferred-constraint check, for DeferredConstraintError
@@ -337,8 +274,17 @@ def _snapshot_all(item: pytest.Item) -> Callable[[], None]:
     return restore
 
 
-#: (settings, report) of the run: what every test's scope needs, in one lookup
-_hot_key = pytest.StashKey[tuple[Settings, _report.RunReport]]()
+#: the types of test items seen (a function-scoped fixture's ``request.node`` is one; a wider one's is a
+#: collector): asking ``fixturedef.scope`` costs three calls, once per test
+_ITEM_TYPES: set[type] = set()
+
+
+def _is_item(fixturedef: pytest.FixtureDef[Any], node: object) -> bool:
+    if fixturedef.scope != "function":
+        return False
+    _ITEM_TYPES.add(type(node))
+    return True
+
 
 #: the fixtures a wider fixture requests to have its writes rolled back when it ends, by pytest scope
 DATA_FIXTURES = {
@@ -407,15 +353,15 @@ def pytest_fixture_setup(
     real, even when a test requests it first (directly or through
     ``request.getfixturevalue``), or its data would vanish after that test.
     """
-    if fixturedef.scope == "function":
-        item = request.node
-        if scope_key not in item.stash:
-            _begin(item)
+    node = request.node  # the test item for a function-scoped fixture, a collector for a wider one
+    tests = TESTS.get(node.config)
+    if tests is not None and (node is tests.begun or type(node) in _ITEM_TYPES or _is_item(fixturedef, node)):
+        if tests.begun is not node and (marker := tests.begin(node)) is not None:
+            _begin_marked(node, tests, marker)
         try:
             return (yield)
         except BaseException as exc:
-            lazy = item.stash[scope_key]
-            _prune(lazy.scope if lazy is not None else None, exc)
+            prune(tests.made(node), exc)
             raise
     settings = request.config.stash[settings_key]
     if fixturedef.argname in DATA_FIXTURES or not settings.enabled:
@@ -467,5 +413,6 @@ def _close_data_scope(config: pytest.Config, scope: RollbackScope) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Open the test's scope at the end of its setup, if no function fixture has opened it."""
-    if scope_key not in item.stash:
-        _begin(item)
+    tests = TESTS.get(item.config)
+    if tests is not None and tests.begun is not item and (marker := tests.begin(item)) is not None:
+        _begin_marked(item, tests, marker)

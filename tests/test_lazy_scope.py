@@ -50,8 +50,10 @@ def test_a_scope_nothing_uses_is_never_made(engine: sa.Engine) -> None:
         return made[-1]
 
     lazy = LazyScope(make)
+
+    lazy.open()
     assert STATE.scopes == [] and lazy.scope is None
-    assert lazy.cancel() is True
+    assert lazy.end() is None
     assert made == [] and STATE.top is None
 
 
@@ -62,11 +64,13 @@ def test_a_held_connection_used_without_a_checkout_writes_into_the_lazy_scope(en
         _insert(conn, "module")
         conn.commit()
         lazy = LazyScope(lambda: sa_rollback.RollbackScope("test"))
+        lazy.open()
         _insert(conn, "test")  # the statement asks for the top: the test's scope is made here
         conn.commit()
         assert lazy.scope is not None and STATE.top is lazy.scope
-        assert lazy.cancel() is False
-        lazy.get().close()
+        scope = lazy.end()
+        assert scope is not None
+        scope.close()
         assert _names(conn) == ["module"]  # the test's write went with the test's scope
         conn.close()
     assert outside("SELECT name FROM items") == []
@@ -80,6 +84,8 @@ def test_a_checkout_in_another_thread_makes_the_scope_once(engine: sa.Engine, ou
         return sa_rollback.RollbackScope("test")
 
     lazy = LazyScope(make)
+
+    lazy.open()
     errors: list[BaseException] = []
 
     def work(name: str) -> None:
@@ -98,13 +104,15 @@ def test_a_checkout_in_another_thread_makes_the_scope_once(engine: sa.Engine, ou
     with engine.connect() as conn:
         assert _names(conn) == ["t0", "t1", "t2", "t3"]  # one transaction: each sees the others'
     assert outside("SELECT count(*) FROM items") == [(0,)]
-    assert lazy.cancel() is False
-    lazy.get().close()
+    scope = lazy.end()
+    assert scope is not None
+    scope.close()
     assert outside("SELECT count(*) FROM items") == [(0,)]
 
 
 def test_a_scope_opened_inside_nests_in_the_lazy_one(engine: sa.Engine, outside) -> None:
     lazy = LazyScope(lambda: sa_rollback.RollbackScope("test"))
+    lazy.open()
     with sa_rollback.rollback_scope("inner"):
         assert STATE.scopes[0] is lazy.scope  # made first, so that the inner one nests in it
         with engine.begin() as conn:
@@ -112,7 +120,9 @@ def test_a_scope_opened_inside_nests_in_the_lazy_one(engine: sa.Engine, outside)
     with engine.begin() as conn:
         _insert(conn, "outer")
         assert _names(conn) == ["outer"]
-    lazy.get().close()
+    scope = lazy.end()
+    assert scope is not None
+    scope.close()
     assert outside("SELECT count(*) FROM items") == [(0,)]
 
 
@@ -122,10 +132,35 @@ def test_a_connection_lent_before_makes_it_open_at_once(engine: sa.Engine, outsi
     conn.execute(sa.text("SELECT 1"))  # lent outside every scope, and still held
     try:
         lazy = LazyScope(lambda: sa_rollback.RollbackScope("test"))
+        lazy.open()
         assert lazy.scope is not None and STATE.top is lazy.scope
         _insert(conn, "held")
         conn.commit()
-        lazy.get().close()
+        scope = lazy.end()
+        assert scope is not None
+        scope.close()
     finally:
         conn.close()
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_one_lazy_scope_serves_opening_after_opening(engine: sa.Engine, outside) -> None:
+    """The plugin reuses one LazyScope for every test: each opening gets a scope of its own, or none."""
+    made: list[sa_rollback.RollbackScope] = []
+
+    def make() -> sa_rollback.RollbackScope:
+        made.append(sa_rollback.RollbackScope(f"test {len(made)}"))
+        return made[-1]
+
+    lazy = LazyScope(make)
+    for round_ in range(3):
+        lazy.open()
+        with engine.begin() as conn:
+            _insert(conn, f"used {round_}")
+        scope = lazy.end()
+        assert scope is made[-1] and lazy.scope is None and STATE.top is scope
+        scope.close()
+        lazy.open()  # an opening nothing uses: no scope is made
+        assert lazy.end() is None and STATE.top is None
+    assert len(made) == 3 and len({id(scope) for scope in made}) == 3
     assert outside("SELECT count(*) FROM items") == [(0,)]
