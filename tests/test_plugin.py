@@ -194,6 +194,59 @@ def test_isolation_can_be_switched_off(pytester: pytest.Pytester, outside, monke
     assert outside("DELETE FROM items RETURNING name") == [("real",)]
 
 
+def test_markers_on_modules_classes_and_tests_apply_to_exactly_their_tests(pytester: pytest.Pytester, outside) -> None:
+    """Parents' markers are read once per class or module: tests that alternate between parents
+    (a module marked off, a class marked off inside an unmarked module, a test marked on inside
+    a class marked off) each get exactly what their own chain says."""
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_a_off="""
+        import pytest
+        from helpers import add
+
+        pytestmark = pytest.mark.sa_rollback(enabled=False)
+
+        def test_module_off():
+            add("a module off")
+
+        @pytest.mark.sa_rollback(enabled=True)
+        def test_module_off_test_on():
+            add("a test on")
+        """,
+        test_b_mixed="""
+        import pytest
+        from helpers import add
+
+        def test_before_class():
+            add("b before class")
+
+        @pytest.mark.sa_rollback(enabled=False)
+        class TestOff:
+            def test_in_class(self):
+                add("b class off")
+
+            @pytest.mark.sa_rollback(enabled=True)
+            def test_in_class_on(self):
+                add("b class test on")
+
+        class TestPlain:
+            def test_in_plain_class(self):
+                add("b plain class")
+
+        def test_after_classes():
+            add("b after classes")
+
+        @pytest.mark.parametrize("i", [1, 2])
+        def test_parametrized(i):
+            add(f"b param {i}")
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=9)
+    assert outside("DELETE FROM items RETURNING name") == [("a module off",), ("b class off",)]
+
+
 def test_bad_marker_and_bad_setting_say_what_is_wrong(pytester: pytest.Pytester, monkeypatch) -> None:
     pytester.makeconftest(ENABLE)
     pytester.makepyfile(
