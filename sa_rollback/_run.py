@@ -253,9 +253,12 @@ class TestScope(LazyScope):
         self.resets = self.resets_by_default
         if NOTED:  # what was lent before must be adopted as the scope opens: it cannot wait
             self.scope = self._make().__enter__()
-        else:  # LazyScope.open, written out
+        else:  # LazyScope.open, with State.defer written out: each call is a test's microsecond
             self.scope = None
-            STATE.defer(self)
+            if STATE.deferred is None:
+                STATE.deferred = self
+            else:
+                STATE.defer(self)
         item.addfinalizer(self.finish)
         return None
 
@@ -295,8 +298,12 @@ class TestScope(LazyScope):
         __tracebackhide__ = True
         self.count += 1
         item, self.item, self.begun = self.item, None, None
-        if STATE.cancel(self):
-            return  # never used, and now forgotten: nothing to roll back (LazyScope.end, written out)
+        state = STATE
+        if state.deferred is self:  # LazyScope.end, with State.cancel written out
+            with state.lock:
+                if state.deferred is self:  # no other thread made it meanwhile
+                    state.deferred = None
+                    return  # never used, and now forgotten: nothing to roll back
         scope, self.scope = self.scope, None
         if scope is None:
             return

@@ -39,8 +39,10 @@ class State:
     def __init__(self) -> None:
         #: the innermost open scope (read through :attr:`top`)
         self._top: Optional[ScopeLike] = None
-        #: makes a scope deferred with :meth:`defer`: it joins the stack when something first asks for the top
-        self._deferred: Optional[Callable[[], ScopeLike]] = None
+        #: makes a scope deferred with :meth:`defer`: it joins the stack when something first asks for
+        #: the top. Set it with :meth:`defer` and clear it with :meth:`cancel` (or, where a call costs
+        #: too much, as they do: set only when None, cleared only under :attr:`lock`).
+        self.deferred: Optional[Callable[[], ScopeLike]] = None
         #: the lock timeout of scopes that do not set one (the plugin sets it from its settings)
         self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         self.scopes: list[ScopeLike] = []
@@ -48,7 +50,8 @@ class State:
         self.physicals: dict[Any, Physical] = {}
         #: logical connections standing in for connections lent before the scope opened (see _adoption)
         self.adopted: list[Any] = []
-        self._lock = threading.Lock()
+        #: guards the stack of scopes, the deferred scope and the shared connections
+        self.lock = threading.Lock()
         self._numbers = 0
         self._warned: set[Any] = set()
         #: while a shared connection is being made: its PostgreSQL lock_timeout, in ms
@@ -59,14 +62,14 @@ class State:
     @property
     def top(self) -> Optional[ScopeLike]:
         """The innermost open scope, or None. A deferred scope joins the stack here, on first need."""
-        if self._deferred is not None:
+        if self.deferred is not None:
             self._join_deferred()
         return self._top
 
     def push(self, scope: ScopeLike) -> None:
-        if self._deferred is not None:
+        if self.deferred is not None:
             self._join_deferred()  # a scope opened inside it nests in it
-        with self._lock:
+        with self.lock:
             self.scopes.append(scope)
             self._top = scope
 
@@ -78,31 +81,31 @@ class State:
         Only for a scope that nothing would adopt into (no connection noted as lent before it):
         what is lent before a scope must be taken over when the scope opens.
         """
-        if self._deferred is not None:
+        if self.deferred is not None:
             self._join_deferred()
-        self._deferred = make
+        self.deferred = make
 
     def cancel(self, make: Callable[[], ScopeLike]) -> bool:
         """The deferred scope of ``make`` closes: True if it was never made, and is now forgotten."""
-        if self._deferred is not make:
+        if self.deferred is not make:
             return False
-        with self._lock:
-            if self._deferred is not make:  # another thread made it meanwhile
+        with self.lock:
+            if self.deferred is not make:  # another thread made it meanwhile
                 return False
-            self._deferred = None
+            self.deferred = None
             return True
 
     def _join_deferred(self) -> None:
         # Made and pushed under the lock: another thread that asks meanwhile waits for it.
-        with self._lock:
-            make, self._deferred = self._deferred, None
+        with self.lock:
+            make, self.deferred = self.deferred, None
             if make is not None:
                 scope = make()
                 self.scopes.append(scope)
                 self._top = scope
 
     def pop(self, scope: ScopeLike) -> None:
-        with self._lock:
+        with self.lock:
             if not self.scopes or self.scopes[-1] is not scope:
                 raise ScopeError(
                     "Rollback scopes must close in the reverse order of opening; "
@@ -118,20 +121,20 @@ class State:
         Scopes opened meanwhile nest inside the kept ones; the set-aside ones
         come back on top of them.
         """
-        if self._deferred is not None:
+        if self.deferred is not None:
             self._join_deferred()  # set aside with the rest
-        with self._lock:
+        with self.lock:
             saved, self.scopes = self.scopes[keep:], self.scopes[:keep]
             self._top = self.scopes[-1] if self.scopes else None
         try:
             yield
         finally:
-            with self._lock:
+            with self.lock:
                 self.scopes = self.scopes + saved
                 self._top = self.scopes[-1] if self.scopes else None
 
     def next_number(self) -> int:
-        with self._lock:
+        with self.lock:
             self._numbers += 1
             return self._numbers
 
@@ -196,7 +199,7 @@ class State:
         if driver.per_loop or driver.async_facing:
             # Connecting awaits: other tasks of the loop run meanwhile.
             return self._loop_physical(slot, driver, pool)
-        with self._lock:
+        with self.lock:
             phys = self.physicals.get(slot)
             if phys is not None and phys.usable():
                 return phys
@@ -283,7 +286,7 @@ class State:
         could not run on it any more. A deferred-constraint error goes to the
         scope, which raises it when it closes.
         """
-        with self._lock:
+        with self.lock:
             if self.physicals.get(phys.slot) is phys:
                 del self.physicals[phys.slot]
         if phys.frames:
@@ -308,14 +311,14 @@ class State:
 
     def discard(self, phys: Physical) -> None:
         """Forget a physical connection that died or cannot be trusted; the next checkout makes a new one."""
-        with self._lock:
+        with self.lock:
             if self.physicals.get(phys.slot) is phys:
                 del self.physicals[phys.slot]
         self._close(phys)
 
     def close_all(self) -> None:
         """Close every physical connection (end of the run, or before dropping a database)."""
-        with self._lock:
+        with self.lock:
             physicals = list(self.physicals.values())
             self.physicals.clear()
         for phys in physicals:
