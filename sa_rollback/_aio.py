@@ -264,6 +264,22 @@ class AsyncDriver(_AdapterDriver):
     def cancel(conn: Any) -> None:
         pass
 
+    def abort_if_foreign(self, conn: Any) -> None:
+        """The pool is about to close its connection ``conn`` from the running loop.
+
+        One made in another loop (a wider fixture's, outside the tests) cannot
+        be closed there: asyncpg would wait on the other loop's futures, and the
+        pool would log the failure. It is aborted instead, which needs no loop;
+        the pool's close then finds it closed.
+        """
+        raw = self.raw(conn)
+        if getattr(raw, "_loop", None) is _running_loop():  # asyncpg keeps no public copy of its loop
+            return
+        try:
+            raw.terminate()
+        except Exception:
+            pass  # its loop is closed: asyncpg marks it closed before it asks the loop anything
+
     def close_connection(self, conn: Any) -> None:
         """Close the driver connection on its own loop (the loop is about to close)."""
         try:

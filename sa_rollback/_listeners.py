@@ -2,12 +2,12 @@
 
 ``checkout``: inside a rollback scope, the checked-out connection's DBAPI
 connection is replaced by a :class:`LogicalConnection` on the database's shared
-physical connection. For a sync ``QueuePool`` or ``NullPool``, the pool's own
-connection becomes the shared one, or is closed when that exists already; its
+physical connection. For a ``QueuePool`` or ``NullPool`` (sync or async), the
+pool's own connection becomes the shared one (sync drivers), or is closed; its
 record holds a :class:`Vacant` placeholder until a checkout outside every scope
-reconnects it (:mod:`._vacant`). For other pools and async drivers it stays
-checked out, unused and read-only (:class:`PoolConnectionGuard`), and goes back
-to the pool as it was.
+reconnects it (:mod:`._vacant`). For other pools it stays checked out, unused
+and read-only (:class:`PoolConnectionGuard`), and goes back to the pool as it
+was.
 Outside a scope, the checkout is noted, so that a scope opened while the
 application still holds the connection can adopt it (:mod:`._adoption`).
 
@@ -42,7 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from ._adoption import Registry, note_checkout, note_existing
-from ._aio import async_driver_for, before_close
+from ._aio import AsyncDriver, async_driver_for, before_close
 from ._drivers import driver_for
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
@@ -83,12 +83,17 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     if phys is None:
         return
     driver = phys.driver
-    if vacatable:  # a sync pool (lends_one_at_a_time): its shared connection is a sync one
+    if vacatable:
         if connection_record.dbapi_connection is dbapi_connection:
-            # The shared connection was there already: this one is not needed in the scope.
-            placeholder = Vacant(pool, driver, driver.autocommit(dbapi_connection))
+            # Not taken as the shared connection (it existed, or is an async engine's, made
+            # apart): this one is not needed in the scope. The placeholder keeps the record's
+            # own driver (an async adapter's, where the shared one is sync: psycopg async).
+            own = async_driver_for(dbapi_connection) or driver
+            if isinstance(own, AsyncDriver):
+                own.abort_if_foreign(dbapi_connection)
+            placeholder = Vacant(pool, own, own.autocommit(dbapi_connection))
             close_connection(connection_record, placeholder)
-            state.vacated(info, placeholder, driver, phys.key)
+            state.vacated(info, placeholder, own, phys.key)
         dbapi_connection = connection_record.dbapi_connection  # the placeholder
         vacant = True
     autocommit = driver.autocommit(dbapi_connection)
@@ -96,7 +101,10 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     if guard is None or guard.real is not dbapi_connection:
         # The pool's own connection may be another kind than the shared one (psycopg async).
         # A placeholder is not asked: it would connect to answer.
-        own = driver if vacant else (driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver)
+        if vacant:
+            own = dbapi_connection.driver
+        else:
+            own = driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, own)
     elif not guard.count:
         guard.lend()  # still read-only since an earlier checkout in a scope (give_back's to_pool)
@@ -180,7 +188,8 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 
     def renew() -> None:
         alive = record()
-        if alive is not None:
+        # A record that holds a placeholder since a scope closed this connection has nothing of the loop.
+        if alive is not None and type(alive.dbapi_connection) is not Vacant:
             alive.invalidate(soft=True)
 
     before_close(asyncio.get_running_loop(), renew)

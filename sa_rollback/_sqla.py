@@ -172,13 +172,14 @@ _ONE_AT_A_TIME = (QueuePool, NullPool)
 
 
 def lends_one_at_a_time(pool: Pool) -> bool:
-    """Does ``pool`` lend each record's connection to one checkout at a time (QueuePool, NullPool, sync)?
+    """Does ``pool`` lend each record's connection to one checkout at a time (QueuePool, NullPool, their async forms)?
 
     Only then may a record's connection leave it while it is checked out
-    (:func:`take_connection`): ``StaticPool`` and ``SingletonThreadPool`` hand
-    one record's connection to several checkouts at once.
+    (:func:`take_connection`, :func:`close_connection`): ``StaticPool`` and
+    ``SingletonThreadPool`` hand one record's connection to several checkouts
+    at once.
     """
-    return isinstance(pool, _ONE_AT_A_TIME) and not dialect_of(pool).is_async
+    return isinstance(pool, _ONE_AT_A_TIME)
 
 
 def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> _ConnectionRecord:
@@ -200,7 +201,10 @@ def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> 
 
 
 def close_connection(record: _ConnectionRecord, placeholder: Any) -> None:
-    """Close ``record``'s connection the pool's way (its ``close`` event runs), and put ``placeholder`` in its place."""
+    """Close ``record``'s connection the pool's way (its ``close`` event runs), and put ``placeholder`` in its place.
+
+    For an async engine, inside SQLAlchemy's greenlet: the adapter's ``close()`` waits there.
+    """
     record._ConnectionRecord__close()  # type: ignore[attr-defined]  # noqa: SLF001
     record.dbapi_connection = placeholder
 
