@@ -272,13 +272,28 @@ class AsyncDriver(_AdapterDriver):
         pool would log the failure. It is aborted instead, which needs no loop;
         the pool's close then finds it closed.
         """
-        raw = self.raw(conn)
-        if getattr(raw, "_loop", None) is _running_loop():  # asyncpg keeps no public copy of its loop
+        if self.made_in(conn) is _running_loop():
             return
         try:
-            raw.terminate()
+            self.raw(conn).terminate()
         except Exception:
             pass  # its loop is closed: asyncpg marks it closed before it asks the loop anything
+
+    def made_in(self, conn: Any) -> Optional[asyncio.AbstractEventLoop]:
+        """The loop the driver connection behind adapter ``conn`` belongs to."""
+        loop: Optional[asyncio.AbstractEventLoop] = getattr(self.raw(conn), "_loop", None)  # no public copy
+        return loop
+
+    def close_on(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Close pool connection ``conn`` on its ``loop``, which is closing, idle: no later loop could."""
+        raw = self.raw(conn)
+        try:
+            run(loop, raw.close(), "close a pool connection")
+        except Exception:
+            try:
+                raw.terminate()
+            except Exception:
+                pass
 
     def close_connection(self, conn: Any) -> None:
         """Close the driver connection on its own loop (the loop is about to close)."""

@@ -48,6 +48,7 @@ from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
 from ._sqla import (
     close_connection,
+    is_private,
     lends_one_at_a_time,
     pool_of,
     pre_pings,
@@ -182,17 +183,24 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # the next loop, before the checkout listener could stand in for it, and fail
     # ("attached to a different loop"). So such a pool makes a new one in the next loop.
     driver = async_driver_for(dbapi_connection)
-    if driver is None or not driver.per_loop or not pre_pings(record_pool(connection_record)):
+    if not isinstance(driver, AsyncDriver) or not pre_pings(record_pool(connection_record)):
         return
     record = weakref.ref(connection_record)
+    loop = asyncio.get_running_loop()
 
     def renew() -> None:
         alive = record()
-        # A record that holds a placeholder since a scope closed this connection has nothing of the loop.
-        if alive is not None and type(alive.dbapi_connection) is not Vacant:
-            alive.invalidate(soft=True)
+        conn = None if alive is None else alive.dbapi_connection
+        if alive is None or conn is None or type(conn) is Vacant or driver.made_in(conn) is not loop:
+            return  # closed, or holds a placeholder or a later loop's connection (whose own renew sees to it)
+        if not is_private(alive):
+            # Closed while its loop still can; the pool's close at the next checkout, from
+            # another loop, then finds it closed instead of failing on it. A shared
+            # connection's is closed by its own callback, after the rollback.
+            driver.close_on(conn, loop)
+        alive.invalidate(soft=True)
 
-    before_close(asyncio.get_running_loop(), renew)
+    before_close(loop, renew)
 
 
 def install(state: Registry) -> None:

@@ -118,6 +118,10 @@ def stand_in(fairy: Any, connection: Any) -> None:
     fairy.dbapi_connection = connection
 
 
+#: key, in a record's ``info``, marking one that never enters its pool's queue
+_PRIVATE = "sa_rollback.private"
+
+
 def private_record(pool: Pool) -> _ConnectionRecord:
     """A new connection made by ``pool`` the way it makes its own, that never enters its queue.
 
@@ -125,7 +129,14 @@ def private_record(pool: Pool) -> _ConnectionRecord:
     listeners run on it, so it is set up exactly like the application's
     connections.
     """
-    return _ConnectionRecord(pool)
+    record = _ConnectionRecord(pool)
+    record.info[_PRIVATE] = True
+    return record
+
+
+def is_private(record: Any) -> bool:
+    """Was ``record`` made by :func:`private_record` or :func:`take_connection` (a shared connection's, say)?"""
+    return bool(record.info.get(_PRIVATE))
 
 
 def pre_pings(pool: Any) -> bool:
@@ -195,6 +206,7 @@ def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> 
     private.starttime = record.starttime
     # What listeners keep about a connection goes with it (SQLAlchemy clears it when it reconnects a record).
     private.info.update(record.info)
+    private.info[_PRIVATE] = True
     record.info.clear()
     record.dbapi_connection = placeholder
     return private
