@@ -510,3 +510,147 @@ def test_an_async_driver_connection_connects_only_in_the_greenlet(
             assert committed == 0  # it sees committed data only
             assert settled(count, 2) == 2
         assert settled(count, 1) == 1  # closed when the checkout ended
+
+
+ASYNC_CONFTEST = """
+import asyncio
+import logging
+import os
+import time
+
+import psycopg
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+pytest_plugins = ["sa_rollback"]
+APP = os.environ["INNER_APP"]
+URL = make_url(os.environ["INNER_URL"])
+if URL.drivername.endswith("asyncpg"):
+    KWARGS = {"connect_args": {"server_settings": {"application_name": APP}}}
+else:
+    URL, KWARGS = URL.update_query_dict({"application_name": APP}), {}
+ENGINE = create_async_engine(URL, pool_pre_ping=os.environ["INNER_PING"] == "1", **KWARGS)
+POOL_ERRORS = []
+
+
+class Errors(logging.Handler):
+    def emit(self, record):
+        POOL_ERRORS.append(record.getMessage())
+
+
+logging.getLogger("sqlalchemy.pool").addHandler(Errors(logging.ERROR))
+
+
+def connections(expected):
+    '''The server connections of the engine, counted from outside, once closed ones have left.'''
+    dsn = URL.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn, autocommit=True) as plain:
+        deadline = time.monotonic() + 2
+        while True:
+            seen = plain.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (APP,),
+            ).fetchone()[0]
+            if seen == expected or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.02)
+
+
+async def names():
+    async with ENGINE.connect() as conn:
+        return list((await conn.execute(sa.text("SELECT name FROM items ORDER BY name"))).scalars())
+
+
+async def add(name):
+    async with ENGINE.begin() as conn:
+        await conn.execute(sa.text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+
+
+async def remove():
+    async with ENGINE.begin() as conn:
+        await conn.execute(sa.text("DELETE FROM items WHERE name = 'committed'"))
+    await ENGINE.dispose()
+
+
+if os.environ["INNER_FIXTURE_LOOP"] == "session":
+
+    @pytest_asyncio.fixture(scope="session", loop_scope="session")
+    async def committed():
+        '''Outside every test: commits for real through the engine, and deletes it at the end.'''
+        await add("committed")
+        yield
+        await remove()
+
+else:  # a loop of its own, closed before the tests run
+
+    @pytest.fixture(scope="session")
+    def committed():
+        asyncio.run(add("committed"))
+        yield
+        asyncio.run(remove())
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(f"pool errors: {POOL_ERRORS}")
+"""
+
+ASYNC_TESTS = """
+import pytest
+import sqlalchemy as sa
+from conftest import ENGINE, add, connections, names
+
+pytestmark = pytest.mark.asyncio(loop_scope="{scope}")
+
+
+@pytest.mark.parametrize("n", range(3))
+async def test_one_connection(committed, n):
+    assert await names() == ["committed"]
+    async with ENGINE.connect() as conn:
+        async with ENGINE.connect() as second:  # two checkouts at once: two records
+            await second.execute(sa.text("INSERT INTO items (name) VALUES (:n)"), {{"n": "{scope}"}})
+            await second.commit()
+            assert connections(1) == 1
+        rows = await conn.execute(sa.text("SELECT name FROM items ORDER BY name"))
+        assert list(rows.scalars()) == ["committed", "{scope}"]
+    assert connections(1) == 1
+"""
+
+
+@pytest.mark.skipif(not ASYNC_DRIVERS, reason="SQLAlchemy 1.4's asyncio support is not covered")
+@pytest.mark.parametrize(
+    ("fixture_loop", "pre_ping"),
+    # Not the session's loop with pre-ping: the pool would ping that loop's connection from a test's
+    # loop before any listener runs, which fails with or without sa_rollback.
+    [("session", False), ("own", False), ("own", True)],
+    ids=["session-loop", "closed-loop", "closed-loop-pre-ping"],
+)
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+def test_pytest_asyncio_suites_keep_one_connection(
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    outside: Callable[..., Any],
+    driver: str,
+    fixture_loop: str,
+    pre_ping: bool,
+) -> None:
+    """A session fixture commits through the engine outside the tests (in the session's loop, or in a loop
+    of its own that closes); tests in a loop each, then in a module's loop, hold one connection (for
+    asyncpg, the loop's shared one: the fixture's pool connection, of another loop, is aborted from the
+    first test's); the fixture's teardown reconnects, outside tests, and commits."""
+    monkeypatch.setenv("SA_ROLLBACK_URL", driver_url(driver))
+    monkeypatch.setenv("INNER_URL", driver_url(driver))
+    monkeypatch.setenv("INNER_APP", f"budget {uuid.uuid4().hex[:12]}")
+    monkeypatch.setenv("INNER_PING", "1" if pre_ping else "0")
+    monkeypatch.setenv("INNER_FIXTURE_LOOP", fixture_loop)
+    pytester.makeconftest(ASYNC_CONFTEST)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(
+        test_a_function=ASYNC_TESTS.format(scope="function"), test_b_module=ASYNC_TESTS.format(scope="module")
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "error::sa_rollback.SaRollbackWarning")
+    result.assert_outcomes(passed=6)
+    result.stdout.fnmatch_lines(["pool errors: []"])
+    assert outside("SELECT count(*) FROM items") == [(0,)]
