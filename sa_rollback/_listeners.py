@@ -191,7 +191,7 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     def renew() -> None:
         alive = record()
         conn = None if alive is None else alive.dbapi_connection
-        if alive is None or conn is None or type(conn) is Vacant or driver.made_in(conn) is not loop:
+        if alive is None or conn is None or type(conn) is Vacant or driver.made_in(conn) not in (loop, None):
             return  # closed, or holds a placeholder or a later loop's connection (whose own renew sees to it)
         if not is_private(alive):
             # Closed while its loop still can; the pool's close at the next checkout, from

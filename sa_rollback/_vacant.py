@@ -23,7 +23,8 @@ private record of the pool, read-only, and forwards to that connection until
 the checkout ends (:class:`~._guard.PoolConnectionGuard` closes it then).
 
 An async engine's placeholder can connect only inside SQLAlchemy's greenlet,
-where the adapter's methods may wait (``run_sync``, the pool's own calls).
+where the adapter's methods may wait (``run_sync``, the pool's own calls), and
+what it becomes is not made read-only (setting that on an adapter awaits).
 Outside it (``driver_connection`` read in a coroutine) an attribute it does
 not have raises :class:`~.errors.UnsupportedOperationError`, saying why,
 instead of connecting. What the pool calls on it without a checkout (asyncpg's
@@ -170,6 +171,8 @@ class Vacant:
 
     def __getattr__(self, name: str) -> Any:
         if self._async and self.real is None and not in_greenlet():
+            if name.startswith("__"):
+                raise AttributeError(name)  # a protocol probe (copy, repr helpers): nothing to connect for
             # Not an AttributeError: SQLAlchemy's driver_connection is a property, and Python would
             # take one raised inside it for "no such property" and ask the checkout proxy's
             # __getattr__, which answers from the shared connection.
