@@ -193,10 +193,11 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         conn = None if alive is None else alive.dbapi_connection
         if alive is None or conn is None or type(conn) is Vacant or driver.made_in(conn) not in (loop, None):
             return  # closed, or holds a placeholder or a later loop's connection (whose own renew sees to it)
-        if not is_private(alive):
+        if not is_private(alive) and not alive.in_use:
             # Closed while its loop still can; the pool's close at the next checkout, from
             # another loop, then finds it closed instead of failing on it. A shared
-            # connection's is closed by its own callback, after the rollback.
+            # connection's is closed by its own callback, after the rollback; one still
+            # checked out is left to its holder, as before.
             driver.close_on(conn, loop)
         alive.invalidate(soft=True)
 
