@@ -264,6 +264,37 @@ class AsyncDriver(_AdapterDriver):
     def cancel(conn: Any) -> None:
         pass
 
+    def abort_if_foreign(self, conn: Any) -> None:
+        """The pool is about to close its connection ``conn`` from the running loop.
+
+        One made in another loop (a wider fixture's, outside the tests) cannot
+        be closed there: asyncpg would wait on the other loop's futures, and the
+        pool would log the failure. It is aborted instead, which needs no loop;
+        the pool's close then finds it closed.
+        """
+        if self.made_in(conn) is _running_loop():
+            return
+        try:
+            self.raw(conn).terminate()
+        except Exception:
+            pass  # its loop is closed: asyncpg marks it closed before it asks the loop anything
+
+    def made_in(self, conn: Any) -> Optional[asyncio.AbstractEventLoop]:
+        """The loop the driver connection behind adapter ``conn`` belongs to."""
+        loop: Optional[asyncio.AbstractEventLoop] = getattr(self.raw(conn), "_loop", None)  # no public copy
+        return loop
+
+    def close_on(self, conn: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """Close pool connection ``conn`` on its ``loop``, which is closing, idle: no later loop could."""
+        raw = self.raw(conn)
+        try:
+            run(loop, raw.close(), "close a pool connection")
+        except Exception:
+            try:
+                raw.terminate()
+            except Exception:
+                pass
+
     def close_connection(self, conn: Any) -> None:
         """Close the driver connection on its own loop (the loop is about to close)."""
         try:

@@ -2,12 +2,12 @@
 
 ``checkout``: inside a rollback scope, the checked-out connection's DBAPI
 connection is replaced by a :class:`LogicalConnection` on the database's shared
-physical connection. For a sync ``QueuePool`` or ``NullPool``, the pool's own
-connection becomes the shared one, or is closed when that exists already; its
+physical connection. For a ``QueuePool`` or ``NullPool`` (sync or async), the
+pool's own connection becomes the shared one (sync drivers), or is closed; its
 record holds a :class:`Vacant` placeholder until a checkout outside every scope
-reconnects it (:mod:`._vacant`). For other pools and async drivers it stays
-checked out, unused and read-only (:class:`PoolConnectionGuard`), and goes back
-to the pool as it was.
+reconnects it (:mod:`._vacant`). For other pools it stays checked out, unused
+and read-only (:class:`PoolConnectionGuard`), and goes back to the pool as it
+was.
 Outside a scope, the checkout is noted, so that a scope opened while the
 application still holds the connection can adopt it (:mod:`._adoption`).
 
@@ -42,12 +42,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
 from ._adoption import Registry, note_checkout, note_existing
-from ._aio import async_driver_for, before_close
+from ._aio import AsyncDriver, async_driver_for, before_close
 from ._drivers import driver_for
 from ._guard import GUARD_KEY, Lent, PoolConnectionGuard, give_back
 from ._proxy import LogicalConnection
 from ._sqla import (
     close_connection,
+    is_private,
     lends_one_at_a_time,
     pool_of,
     pre_pings,
@@ -83,12 +84,17 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     if phys is None:
         return
     driver = phys.driver
-    if vacatable:  # a sync pool (lends_one_at_a_time): its shared connection is a sync one
+    if vacatable:
         if connection_record.dbapi_connection is dbapi_connection:
-            # The shared connection was there already: this one is not needed in the scope.
-            placeholder = Vacant(pool, driver, driver.autocommit(dbapi_connection))
+            # Not taken as the shared connection (it existed, or is an async engine's, made
+            # apart): this one is not needed in the scope. The placeholder keeps the record's
+            # own driver (an async adapter's, where the shared one is sync: psycopg async).
+            own = async_driver_for(dbapi_connection) or driver
+            if isinstance(own, AsyncDriver):
+                own.abort_if_foreign(dbapi_connection)
+            placeholder = Vacant(pool, own, own.autocommit(dbapi_connection))
             close_connection(connection_record, placeholder)
-            state.vacated(info, placeholder, driver, phys.key)
+            state.vacated(info, placeholder, own, phys.key)
         dbapi_connection = connection_record.dbapi_connection  # the placeholder
         vacant = True
     autocommit = driver.autocommit(dbapi_connection)
@@ -96,7 +102,10 @@ def _on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy
     if guard is None or guard.real is not dbapi_connection:
         # The pool's own connection may be another kind than the shared one (psycopg async).
         # A placeholder is not asked: it would connect to answer.
-        own = driver if vacant else (driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver)
+        if vacant:
+            own = dbapi_connection.driver
+        else:
+            own = driver_for(dbapi_connection) or async_driver_for(dbapi_connection) or driver
         guard = info[GUARD_KEY] = PoolConnectionGuard(dbapi_connection, own)
     elif not guard.count:
         guard.lend()  # still read-only since an earlier checkout in a scope (give_back's to_pool)
@@ -174,16 +183,25 @@ def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
     # the next loop, before the checkout listener could stand in for it, and fail
     # ("attached to a different loop"). So such a pool makes a new one in the next loop.
     driver = async_driver_for(dbapi_connection)
-    if driver is None or not driver.per_loop or not pre_pings(record_pool(connection_record)):
+    if not isinstance(driver, AsyncDriver) or not pre_pings(record_pool(connection_record)):
         return
     record = weakref.ref(connection_record)
+    loop = asyncio.get_running_loop()
 
     def renew() -> None:
         alive = record()
-        if alive is not None:
-            alive.invalidate(soft=True)
+        conn = None if alive is None else alive.dbapi_connection
+        if alive is None or conn is None or type(conn) is Vacant or driver.made_in(conn) not in (loop, None):
+            return  # closed, or holds a placeholder or a later loop's connection (whose own renew sees to it)
+        if not is_private(alive) and not alive.in_use:
+            # Closed while its loop still can; the pool's close at the next checkout, from
+            # another loop, then finds it closed instead of failing on it. A shared
+            # connection's is closed by its own callback, after the rollback; one still
+            # checked out is left to its holder, as before.
+            driver.close_on(conn, loop)
+        alive.invalidate(soft=True)
 
-    before_close(asyncio.get_running_loop(), renew)
+    before_close(loop, renew)
 
 
 def install(state: Registry) -> None:

@@ -66,6 +66,8 @@ def _dbname(dbapi_connection: Any) -> str:
 
 def backend_pid(dbapi_connection: Any) -> Optional[int]:
     """The server process of a DBAPI connection (psycopg, psycopg2, or an async adapter); no round trip."""
+    if getattr(type(dbapi_connection), "placeholder", False):
+        return None  # _vacant.Vacant: no server process, and asking it anything would connect one
     for conn in (dbapi_connection, getattr(dbapi_connection, "driver_connection", None)):
         info = getattr(conn, "info", None)
         pid = getattr(info, "backend_pid", None)

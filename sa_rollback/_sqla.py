@@ -118,6 +118,10 @@ def stand_in(fairy: Any, connection: Any) -> None:
     fairy.dbapi_connection = connection
 
 
+#: key, in a record's ``info``, marking one that never enters its pool's queue
+_PRIVATE = "sa_rollback.private"
+
+
 def private_record(pool: Pool) -> _ConnectionRecord:
     """A new connection made by ``pool`` the way it makes its own, that never enters its queue.
 
@@ -125,7 +129,14 @@ def private_record(pool: Pool) -> _ConnectionRecord:
     listeners run on it, so it is set up exactly like the application's
     connections.
     """
-    return _ConnectionRecord(pool)
+    record = _ConnectionRecord(pool)
+    record.info[_PRIVATE] = True
+    return record
+
+
+def is_private(record: Any) -> bool:
+    """Was ``record`` made by :func:`private_record` or :func:`take_connection` (a shared connection's, say)?"""
+    return bool(record.info.get(_PRIVATE))
 
 
 def pre_pings(pool: Any) -> bool:
@@ -172,13 +183,14 @@ _ONE_AT_A_TIME = (QueuePool, NullPool)
 
 
 def lends_one_at_a_time(pool: Pool) -> bool:
-    """Does ``pool`` lend each record's connection to one checkout at a time (QueuePool, NullPool, sync)?
+    """Does ``pool`` lend each record's connection to one checkout at a time (QueuePool, NullPool, their async forms)?
 
     Only then may a record's connection leave it while it is checked out
-    (:func:`take_connection`): ``StaticPool`` and ``SingletonThreadPool`` hand
-    one record's connection to several checkouts at once.
+    (:func:`take_connection`, :func:`close_connection`): ``StaticPool`` and
+    ``SingletonThreadPool`` hand one record's connection to several checkouts
+    at once.
     """
-    return isinstance(pool, _ONE_AT_A_TIME) and not dialect_of(pool).is_async
+    return isinstance(pool, _ONE_AT_A_TIME)
 
 
 def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> _ConnectionRecord:
@@ -194,13 +206,17 @@ def take_connection(record: _ConnectionRecord, pool: Pool, placeholder: Any) -> 
     private.starttime = record.starttime
     # What listeners keep about a connection goes with it (SQLAlchemy clears it when it reconnects a record).
     private.info.update(record.info)
+    private.info[_PRIVATE] = True
     record.info.clear()
     record.dbapi_connection = placeholder
     return private
 
 
 def close_connection(record: _ConnectionRecord, placeholder: Any) -> None:
-    """Close ``record``'s connection the pool's way (its ``close`` event runs), and put ``placeholder`` in its place."""
+    """Close ``record``'s connection the pool's way (its ``close`` event runs), and put ``placeholder`` in its place.
+
+    For an async engine, inside SQLAlchemy's greenlet: the adapter's ``close()`` waits there.
+    """
     record._ConnectionRecord__close()  # type: ignore[attr-defined]  # noqa: SLF001
     record.dbapi_connection = placeholder
 

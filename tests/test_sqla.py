@@ -126,9 +126,11 @@ def test_private_record_connects_like_the_pool_but_stays_out_of_it(engine: sa.En
         assert len(connects) == 2 and connects[-1] is record  # the application's connect hooks ran
         assert _sqla.record_pool(record) is engine.pool
         assert engine.pool.checkedin() == idle_before  # never enters the pool's queue
+        assert _sqla.is_private(record)
         with engine.connect() as conn:
             fairy = conn.connection
             assert _sqla.held_connection(fairy) is not record.dbapi_connection
+            assert not _sqla.is_private(_sqla.record_of(fairy))
         cursor = record.dbapi_connection.cursor()
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
@@ -137,7 +139,7 @@ def test_private_record_connects_like_the_pool_but_stays_out_of_it(engine: sa.En
         record.close()
 
 
-def test_lends_one_at_a_time_only_for_sync_queue_and_null_pools(url: str) -> None:
+def test_lends_one_at_a_time_only_for_queue_and_null_pools(url: str) -> None:
     engines = {
         "queue": create_engine(url),
         "null": create_engine(url, poolclass=NullPool),
@@ -153,11 +155,14 @@ def test_lends_one_at_a_time_only_for_sync_queue_and_null_pools(url: str) -> Non
 
 
 @needs_sqlalchemy_2("async engines")
-def test_async_pools_do_not_lend_one_at_a_time() -> None:
+def test_async_pools_lend_one_at_a_time_unless_static() -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    eng = create_async_engine(driver_url("asyncpg"))
-    assert not _sqla.lends_one_at_a_time(eng.sync_engine.pool)
+    assert _sqla.lends_one_at_a_time(create_async_engine(driver_url("asyncpg")).sync_engine.pool)
+    assert _sqla.lends_one_at_a_time(create_async_engine(driver_url("asyncpg"), poolclass=NullPool).sync_engine.pool)
+    assert not _sqla.lends_one_at_a_time(
+        create_async_engine(driver_url("asyncpg"), poolclass=StaticPool).sync_engine.pool
+    )
 
 
 class _Placeholder:
@@ -183,7 +188,8 @@ def test_take_close_and_reconnect_a_record(engine: sa.Engine) -> None:
     try:
         assert record.dbapi_connection is placeholder
         assert private.dbapi_connection is own and private.starttime == record.starttime
-        assert private.info == {"kept": "with the connection"} and "kept" not in record.info
+        assert private.info["kept"] == "with the connection" and "kept" not in record.info
+        assert _sqla.is_private(private) and not _sqla.is_private(record)
         assert _sqla.record_pool(private) is engine.pool
         assert any(conn is own for conn in _sqla.pooled_connections())  # found through its private record
         assert not any(conn is placeholder for conn in _sqla.pooled_connections())  # not a server connection
