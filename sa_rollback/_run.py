@@ -229,13 +229,21 @@ class TestScope(LazyScope):
         #: the finalizer of a test with a marker: a second run of it (a rerun plugin's) begins again
         self.forget = self._forget
 
-    def begin(self, item: pytest.Item) -> Optional[pytest.Mark]:
+    def begin(self, item: pytest.Item, fixturedef: Optional[pytest.FixtureDef[Any]] = None) -> Optional[pytest.Mark]:
         """Begin ``item``: open its scope, lazily, unless it has an ``sa_rollback`` marker.
 
         The marker is returned then, and nothing is opened: the caller reads
         it, and calls :meth:`open_for` if the test is to have a scope. The
         marker walk and :meth:`open_for` are written out here, since every
         test comes here.
+
+        ``fixturedef``: the test's first function fixture, when this is
+        called as it is set up. The finalizer goes to it rather than to the
+        item (a call less): its teardown comes after every later function
+        fixture's, and runs its finalizers in reverse, so this one after the
+        fixture's own. pytest skips a fixture's finalizers when its set-up
+        ended without a test outcome (``KeyboardInterrupt``): the caller then
+        registers :attr:`finish` on the item too, which runs once either way.
         """
         self.begun = item
         for mark in item.own_markers:
@@ -259,7 +267,7 @@ class TestScope(LazyScope):
                 STATE.deferred = self
             else:
                 STATE.defer(self)
-        item.addfinalizer(self.finish)
+        (item if fixturedef is None else fixturedef).addfinalizer(self.finish)
         return None
 
     def open_for(self, item: pytest.Item, resets: bool) -> None:
@@ -296,8 +304,11 @@ class TestScope(LazyScope):
 
     def _finish(self) -> None:
         __tracebackhide__ = True
+        item = self.item
+        if item is None:
+            return  # finished already (registered twice: see begin)
         self.count += 1
-        item, self.item, self.begun = self.item, None, None
+        self.item = self.begun = None
         state = STATE
         if state.deferred is self:  # LazyScope.end, with State.cancel written out
             with state.lock:

@@ -356,12 +356,15 @@ def pytest_fixture_setup(
     node = request.node  # the test item for a function-scoped fixture, a collector for a wider one
     tests = TESTS.get(node.config)
     if tests is not None and (node is tests.begun or type(node) in _ITEM_TYPES or _is_item(fixturedef, node)):
-        if tests.begun is not node and (marker := tests.begin(node)) is not None:
+        first = tests.begun is not node
+        if first and (marker := tests.begin(node, fixturedef)) is not None:
             _begin_marked(node, tests, marker)
         try:
             return (yield)
         except BaseException as exc:
             prune(tests.made(node), exc)
+            if first:  # its finalizers may be skipped (see TestScope.begin)
+                node.addfinalizer(tests.finish)
             raise
     settings = request.config.stash[settings_key]
     if fixturedef.argname in DATA_FIXTURES or not settings.enabled:

@@ -247,6 +247,43 @@ def test_markers_on_modules_classes_and_tests_apply_to_exactly_their_tests(pytes
     assert outside("DELETE FROM items RETURNING name") == [("a module off",), ("b class off",)]
 
 
+def test_a_first_fixture_ending_without_a_test_outcome_still_ends_the_test_scope(
+    pytester: pytest.Pytester, outside
+) -> None:
+    """The test's scope ends in its first function fixture's teardown; pytest skips that when the
+    fixture's set-up raised what is no test outcome (SystemExit here, KeyboardInterrupt alike)."""
+    pytester.makeconftest(ENABLE)
+    pytester.makepyfile(
+        helpers=COMMON,
+        test_exit="""
+        import pytest
+        from helpers import add, names
+
+        @pytest.fixture
+        def exits():
+            add("in the fixture")
+            raise SystemExit(3)
+
+        def test_first(exits):
+            pass
+
+        @pytest.fixture
+        def plain():
+            return 1
+
+        def test_second(plain):
+            add("second")
+            assert names() == ["second"]
+
+        def test_third(plain):
+            assert names() == []
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
+    assert outside("DELETE FROM items RETURNING name") == []
+
+
 def test_bad_marker_and_bad_setting_say_what_is_wrong(pytester: pytest.Pytester, monkeypatch) -> None:
     pytester.makeconftest(ENABLE)
     pytester.makepyfile(
