@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -72,12 +73,10 @@ def materialize(spec: str, into: Path) -> Source:
     into.mkdir(parents=True)
     directory = Path(spec)
     if (directory / "sa_rollback" / "__init__.py").is_file():
-        src = directory.resolve() / "sa_rollback"
-        dest = into / "sa_rollback"
-        dest.mkdir()
-        for file in src.iterdir():
-            if file.is_file():
-                (dest / file.name).write_bytes(file.read_bytes())
+        # The whole tree: the package has subpackages (sa_rollback.databases).
+        shutil.copytree(
+            directory.resolve() / "sa_rollback", into / "sa_rollback", ignore=shutil.ignore_patterns("__pycache__")
+        )
         return Source(spec, f"dir {directory.resolve()}", into)
     found = _git("rev-parse", "--verify", "--quiet", f"{spec}^{{commit}}")
     if found.returncode != 0:

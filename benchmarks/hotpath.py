@@ -432,9 +432,15 @@ def test_nothing(i):
 
 
 def nodb_test_cost(
-    tests: int, profiled_pairs: int, extra: tuple[str, ...] = ("-s", "-p", "no:logging")
+    tests: int,
+    profiled_pairs: int,
+    extra: tuple[str, ...] = ("-s", "-p", "no:logging"),
+    package_root: Path | None = None,
 ) -> dict[str, Any]:
-    """Per-test cost of the plugin's hooks on tests that touch no database, switched per test in one pytest run."""
+    """Per-test cost of the plugin's hooks on tests that touch no database, switched per test in one pytest run.
+
+    ``package_root``: a directory holding another ``sa_rollback/`` to measure (see :mod:`.nodb_revs`).
+    """
     from .suites import _env
 
     with tempfile.TemporaryDirectory(prefix="sa_rollback_bench_hot_") as tmp:
@@ -444,6 +450,8 @@ def nodb_test_cost(
         (root / "test_nothing.py").write_text(_NODB_TESTS.format(n=tests))
         out = root / "out.json"
         env = dict(_env(""), BENCH_OUT=str(out), BENCH_PROFILED_PAIRS=str(profiled_pairs))
+        if package_root is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(package_root), env["PYTHONPATH"]])
         args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *extra]
         proc = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True)
         if proc.returncode != 0:

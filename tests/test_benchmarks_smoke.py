@@ -274,3 +274,18 @@ def test_databases_cleaned_up(smoke: tuple[dict[str, Any], Path]) -> None:
             "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"sa\\_rollback\\_bench\\_{TAG}\\_%",)
         ).fetchall()
     assert rows == []
+
+
+def test_nodb_revs_times_two_copies_of_this_tree() -> None:
+    """``benchmarks.nodb_revs`` on two directory copies (subpackages included) of this tree."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.nodb_revs", str(REPO), str(REPO), "--runs", "2", "--tests", "60"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[2].startswith(f"{REPO} - {REPO}: "), proc.stdout
+    assert all(" us per test" in line for line in lines), proc.stdout
