@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import time
 import uuid
@@ -218,11 +219,36 @@ def _sweep(admin: psycopg.Connection[Any]) -> None:
     for name, comment in _marked_databases(admin):
         if name in (DB_A, DB_B) or not _stale(comment, now):
             continue
-        try:
-            # No FORCE: a database that is still in use is not stale after all.
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-        except psycopg.Error as exc:
-            warnings.warn(f"left the stale self-test database {name} in place: {exc}", stacklevel=1)
+        _drop_quietly(admin, name, "stale self-test database")
+    _drop_made_from(admin, keep_bases=(DB_A, DB_B))
+
+
+def _drop_quietly(admin: psycopg.Connection[Any], name: str, what: str) -> None:
+    try:
+        # No FORCE: a database that is still in use is not stale after all.
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        warnings.warn(f"left the {what} {name} in place: {exc}", stacklevel=1)
+
+
+#: sa_rollback's own mark on what it makes (templates, clones): "base=" names the configured database
+_BASE = re.compile(r"^sa_rollback:\S+ .*\bbase=(\S+)")
+
+
+def _drop_made_from(admin: psycopg.Connection[Any], keep_bases: tuple[str, ...] = ()) -> None:
+    """Drop what sa_rollback made, in the suite's inner runs, from a self-test database that is gone.
+
+    Inner runs point sa_rollback at DB_A or DB_B; the templates it builds from them outlive those
+    runs by design (a later run reuses them), so the suite drops them itself: at its end, those
+    of its own databases, and at start, those whose database is gone (a crashed run's).
+    """
+    existing = {name for name, _ in _marked_databases(admin)}
+    for name, comment in _marked_databases(admin):
+        found = _BASE.match(comment or "")
+        base = found.group(1) if found else None
+        if base is None or not base.startswith(PREFIX) or base in keep_bases or base in existing:
+            continue
+        _drop_quietly(admin, name, "database sa_rollback made from a self-test database")
 
 
 def _drop_own(admin: psycopg.Connection[Any], name: str) -> None:
@@ -281,6 +307,7 @@ def _selftest_databases() -> Iterator[tuple[str, str]]:
         with _connect_admin() as admin:
             for name in (DB_A, DB_B):
                 _drop_own(admin, name)
+            _drop_made_from(admin)
 
 
 @pytest.fixture(autouse=True)
