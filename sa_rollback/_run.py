@@ -315,6 +315,9 @@ class TestScope(LazyScope):
                 if state.deferred is self:  # no other thread made it meanwhile
                     state.deferred = None
                     return  # never used, and now forgotten: nothing to roll back
+        else:
+            with state.lock:
+                pass  # another thread may be making it: the lock is held until it is pushed
         scope, self.scope = self.scope, None
         if scope is None:
             return

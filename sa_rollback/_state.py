@@ -52,6 +52,8 @@ class State:
         self.adopted: list[Any] = []
         #: guards the stack of scopes, the deferred scope and the shared connections
         self.lock = threading.Lock()
+        #: the thread making the deferred scope, until it is on the stack
+        self._making: Optional[int] = None
         self._numbers = 0
         self._warned: set[Any] = set()
         #: while a shared connection is being made: its PostgreSQL lock_timeout, in ms
@@ -62,7 +64,7 @@ class State:
     @property
     def top(self) -> Optional[ScopeLike]:
         """The innermost open scope, or None. A deferred scope joins the stack here, on first need."""
-        if self.deferred is not None:
+        if self.deferred is not None or self._making is not None:
             self._join_deferred()
         return self._top
 
@@ -86,23 +88,34 @@ class State:
         self.deferred = make
 
     def cancel(self, make: Callable[[], ScopeLike]) -> bool:
-        """The deferred scope of ``make`` closes: True if it was never made, and is now forgotten."""
-        if self.deferred is not make:
-            return False
+        """The deferred scope of ``make`` closes: True if it was never made, and is now forgotten.
+
+        False once it is made; if another thread is making it, this waits until it is pushed.
+        """
         with self.lock:
-            if self.deferred is not make:  # another thread made it meanwhile
+            if self.deferred is not make:
                 return False
             self.deferred = None
             return True
 
     def _join_deferred(self) -> None:
-        # Made and pushed under the lock: another thread that asks meanwhile waits for it.
+        # Made and pushed under the lock: another thread that asks meanwhile waits for it, and
+        # sees `_making` until it is on the stack. The thread making it may ask too (its maker
+        # may check out a connection): for it the scope is not open yet.
+        if self._making == threading.get_ident():
+            return
         with self.lock:
-            make, self.deferred = self.deferred, None
-            if make is not None:
+            make = self.deferred
+            if make is None:
+                return  # made meanwhile, while this thread waited for the lock
+            self.deferred = None
+            self._making = threading.get_ident()
+            try:
                 scope = make()
                 self.scopes.append(scope)
                 self._top = scope
+            finally:
+                self._making = None
 
     def pop(self, scope: ScopeLike) -> None:
         with self.lock:

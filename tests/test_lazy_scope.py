@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -164,3 +165,40 @@ def test_one_lazy_scope_serves_opening_after_opening(engine: sa.Engine, outside)
         assert lazy.end() is None and STATE.top is None
     assert len(made) == 3 and len({id(scope) for scope in made}) == 3
     assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+def test_a_thread_asking_while_another_makes_the_scope_waits_for_it() -> None:
+    """Until the scope is on the stack, another thread's question waits: it must not see no scope."""
+    started = threading.Event()
+
+    def make() -> sa_rollback.RollbackScope:
+        started.set()
+        time.sleep(0.3)  # the other thread asks meanwhile
+        return sa_rollback.RollbackScope("test")
+
+    lazy = LazyScope(make)
+    lazy.open()
+    maker = threading.Thread(target=lazy.get)
+    maker.start()
+    assert started.wait(5)
+    seen = STATE.top  # asked while the maker is still making it
+    ended = lazy.end()  # the test ending meanwhile gets the scope to close, not "never made"
+    maker.join()
+    assert ended is not None and seen is ended
+    ended.close()
+
+
+def test_the_maker_asking_for_the_top_itself_finds_none_yet() -> None:
+    """A maker may check out a connection (provisioning, say): for it the scope is not open yet."""
+    asked: list[object] = []
+
+    def make() -> sa_rollback.RollbackScope:
+        asked.append(STATE.top)
+        return sa_rollback.RollbackScope("test")
+
+    lazy = LazyScope(make)
+    lazy.open()
+    scope = lazy.get()
+    assert asked == [None] and STATE.top is scope
+    assert lazy.end() is scope
+    scope.close()
