@@ -17,6 +17,7 @@ from psycopg import sql
 
 import sa_rollback
 from sa_rollback import ConfigurationError, _sequences
+from sa_rollback._state import STATE
 
 from .conftest import DB_A, RUN_ID, WORKER, driver_url, libpq_dsn
 
@@ -184,6 +185,9 @@ def test_a_lost_prepared_restore_still_puts_them_back(seq_engine: sa.Engine, pos
 
 def test_the_drivers_own_prepared_statements_come_and_go(seq_engine: sa.Engine, positions: Callable[[], Any]) -> None:
     """psycopg prepares a statement run five times, and deallocates all on a rollback: the restore follows."""
+    # A server session of its own: an earlier test of this process may have left the shared
+    # connection in plain mode on purpose (repeated losses), or with failures counted.
+    STATE.close_all()
     before = positions()
     for _ in range(4):
         with sa_rollback.rollback_scope(reset_sequences=True):
