@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Optional
 
 import pytest
 
-from ._run import databases_key, settings_key
+from ._run import settings_key
 from ._settings import switch
 from .errors import ConfigurationError
 
@@ -54,22 +54,3 @@ def resets_sequences(item: pytest.Item, marker: Optional[pytest.Mark]) -> bool:
     if value is None:
         return bool(item.config.stash[settings_key].reset_sequences)
     return bool(switch(value)) if isinstance(value, str) else bool(value)  # _read_marker checked it
-
-
-def sequence_scope_args(config: pytest.Config, reset: bool) -> dict[str, Any]:
-    """The RollbackScope arguments that reset sequences, when asked: only on databases sa_rollback made."""
-    if not reset:
-        return {}
-    return {"reset_sequences": True, "sequence_databases": config.stash[databases_key].get().owned()}
-
-
-def marker_of(item: pytest.Item) -> Optional[pytest.Mark]:
-    """``item.get_closest_marker("sa_rollback")``, without its generators: every test asks."""
-    node: Any = item  # an Item, then its parent Collectors up to the Session
-    while node is not None:
-        mark: pytest.Mark
-        for mark in node.own_markers:
-            if mark.name == "sa_rollback":
-                return mark
-        node = node.parent
-    return None

@@ -290,10 +290,7 @@ class TestScope(LazyScope):
         started = time.perf_counter()
         item = self.item
         assert item is not None
-        sequences: dict[str, Any] = {}
-        if self.resets:
-            owned = self._config.stash[databases_key].get().owned()
-            sequences = {"reset_sequences": True, "sequence_databases": owned}
+        sequences = sequence_scope_args(self._config, self.resets)
         scope = RollbackScope(item.nodeid, check_deferred=self._check_deferred, **sequences)
         scope.deferred_hint = self._hint
         self._report.setup += time.perf_counter() - started
@@ -329,6 +326,13 @@ class TestScope(LazyScope):
             scope.close()
         finally:
             self._report.closed(item.nodeid if item is not None else "?", time.perf_counter() - started)
+
+
+def sequence_scope_args(config: pytest.Config, reset: bool) -> dict[str, Any]:
+    """The RollbackScope arguments that reset sequences, when asked: only on databases sa_rollback made."""
+    if not reset:
+        return {}
+    return {"reset_sequences": True, "sequence_databases": config.stash[databases_key].get().owned()}
 
 
 def closest_marker(node: Any) -> Optional[pytest.Mark]:

@@ -10,9 +10,19 @@ from typing import Any, Callable, Literal, Optional
 import pytest
 
 from . import _report, _signals
-from ._marks import read_marker, resets_sequences, sequence_scope_args
+from ._marks import read_marker, resets_sequences
 from ._report import report_key
-from ._run import TESTS, Databases, TestScope, databases_key, is_xdist_controller, prune, ranks_key, settings_key
+from ._run import (
+    TESTS,
+    Databases,
+    TestScope,
+    databases_key,
+    is_xdist_controller,
+    prune,
+    ranks_key,
+    sequence_scope_args,
+    settings_key,
+)
 from ._scope import RollbackScope, open_scopes, suspended
 from ._settings import OPTIONS, Option, Settings, resolve
 from ._state import STATE

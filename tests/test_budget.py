@@ -69,20 +69,34 @@ def settled(count: Count, expected: int) -> int:
 
 
 @pytest.fixture
-def make(app_name: str) -> Iterator[Callable[..., sa.Engine]]:
-    """Engines of this test's application_name, on a sync driver; the shared connections start afresh."""
+def make(app_name: str, driver: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., sa.Engine]]:
+    """Engines of this test's application_name; the shared connections start afresh.
+
+    An async driver's engine is its sync face: the test's body runs in SQLAlchemy's greenlet
+    on the loop of ``aloop`` (conftest's pytest_pyfunc_call), and its engines are disposed there.
+    """
+    loop = request.getfixturevalue("aloop") if driver in ASYNC_DRIVERS else None
     STATE.close_all()  # so that the shared connection is made by this test's engine
     engines: list[sa.Engine] = []
 
     def made(driver: str, **kwargs: Any) -> sa.Engine:
-        url = make_url(driver_url(driver)).update_query_dict({"application_name": app_name})
+        url = make_url(driver_url(driver))
+        if driver == "asyncpg":  # asyncpg takes no application_name of the URL
+            kwargs.setdefault("connect_args", {"server_settings": {"application_name": app_name}})
+        else:
+            url = url.update_query_dict({"application_name": app_name})
         eng = create_engine(url, **kwargs)
         engines.append(eng)
         return eng
 
     yield made
     for eng in engines:
-        eng.dispose()
+        if loop is None:
+            eng.dispose()
+        else:
+            from sqlalchemy.util.concurrency import greenlet_spawn
+
+            loop.run_until_complete(greenlet_spawn(eng.dispose))
     STATE.close_all()
 
 
@@ -95,9 +109,10 @@ def names(conn: Any) -> list[str]:
 
 
 sync_drivers = pytest.mark.parametrize("driver", DRIVERS)
+every_driver = pytest.mark.parametrize("driver", DRIVERS + ASYNC_DRIVERS)
 
 
-@sync_drivers
+@every_driver
 def test_one_connection_while_an_engine_is_checked_out(
     make: Callable[..., sa.Engine], count: Count, driver: str
 ) -> None:
@@ -106,7 +121,9 @@ def test_one_connection_while_an_engine_is_checked_out(
         with eng.connect() as conn:
             add(conn, "a")
             conn.commit()
-            assert settled(count, 1) == 1  # the pool's connection is the shared one
+            assert isinstance(record_connection(conn), Vacant)
+            # the shared one: a sync pool's own connection became it, an async pool's was closed
+            assert settled(count, 1) == 1
             with eng.connect() as second:  # a second checkout at once: its connection is closed
                 assert names(second) == ["a"]
                 assert settled(count, 1) == 1
@@ -141,7 +158,7 @@ def test_a_checkout_outside_scopes_gets_a_real_connection_that_commits(
             cleanup.execute("DELETE FROM items")
 
 
-@sync_drivers
+@every_driver
 def test_pre_ping_is_answered_without_a_connection(make: Callable[..., sa.Engine], count: Count, driver: str) -> None:
     eng = make(driver, pool_pre_ping=True, pool_size=1)
     for _ in range(3):  # the checkouts after the first ping the placeholder
@@ -342,57 +359,16 @@ def aloop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]
     loop.close()  # looked up late: sa_rollback wraps close()
 
 
-@pytest.fixture
-def amake(app_name: str, aloop: asyncio.AbstractEventLoop) -> Iterator[Callable[..., sa.Engine]]:
-    """Async engines of this test's application_name (their sync face); disposed on their loop."""
-    STATE.close_all()
-    engines: list[sa.Engine] = []
-
-    def made(driver: str, **kwargs: Any) -> sa.Engine:
-        url = make_url(driver_url(driver))
-        if driver == "asyncpg":  # asyncpg takes no application_name of the URL
-            kwargs.setdefault("connect_args", {"server_settings": {"application_name": app_name}})
-        else:
-            url = url.update_query_dict({"application_name": app_name})
-        eng = create_engine(url, **kwargs)
-        engines.append(eng)
-        return eng
-
-    yield made
-    from sqlalchemy.util.concurrency import greenlet_spawn
-
-    for eng in engines:
-        aloop.run_until_complete(greenlet_spawn(eng.dispose))
-    STATE.close_all()
-
-
 def record_connection(conn: Any) -> Any:
     """What the pool record behind ``conn``'s checkout holds (a placeholder, inside a scope)."""
     return conn.connection._connection_record.dbapi_connection
 
 
 @async_drivers
-def test_an_async_engine_keeps_one_connection(amake: Callable[..., sa.Engine], count: Count, driver: str) -> None:
-    eng = amake(driver)
-    with sa_rollback.rollback_scope():
-        with eng.connect() as conn:
-            add(conn, "a")
-            conn.commit()
-            assert isinstance(record_connection(conn), Vacant)
-            assert settled(count, 1) == 1  # the shared one: the pool's own was closed
-            with eng.connect() as second:  # a second record: its new connection is closed too
-                assert names(second) == ["a"]
-                assert settled(count, 1) == 1
-        with eng.connect() as conn:  # placeholders: no connect
-            assert names(conn) == ["a"]
-        assert settled(count, 1) == 1
-
-
-@async_drivers
 def test_an_async_engine_reconnects_outside_scopes_and_commits(
-    amake: Callable[..., sa.Engine], count: Count, driver: str, outside: Callable[..., Any]
+    make: Callable[..., sa.Engine], count: Count, driver: str, outside: Callable[..., Any]
 ) -> None:
-    eng = amake(driver)
+    eng = make(driver)
     with sa_rollback.rollback_scope():
         with eng.begin() as conn:
             add(conn, "rolled back")
@@ -412,25 +388,8 @@ def test_an_async_engine_reconnects_outside_scopes_and_commits(
 
 
 @async_drivers
-def test_an_async_pre_ping_is_answered_without_a_connection(
-    amake: Callable[..., sa.Engine], count: Count, driver: str
-) -> None:
-    eng = amake(driver, pool_pre_ping=True, pool_size=1)
-    for _ in range(3):  # the checkouts after the first ping the placeholder
-        with sa_rollback.rollback_scope():
-            with eng.begin() as conn:
-                add(conn, "pinged")
-                assert settled(count, 1) == 1
-            with eng.connect() as conn:
-                assert names(conn) == ["pinged"]
-    with eng.connect() as conn:  # outside: pinged, then reconnected for real
-        assert names(conn) == []
-        assert settled(count, 2) == 2
-
-
-@async_drivers
 def test_an_async_engine_resets_disposes_invalidates_and_collects(
-    amake: Callable[..., sa.Engine],
+    make: Callable[..., sa.Engine],
     count: Count,
     driver: str,
     caplog: pytest.LogCaptureFixture,
@@ -438,7 +397,7 @@ def test_an_async_engine_resets_disposes_invalidates_and_collects(
 ) -> None:
     """What the pool does to a placeholder, without a server connection for it (judged by the pool's connects)."""
     caplog.set_level(logging.ERROR, logger="sqlalchemy.pool")
-    eng = amake(driver)
+    eng = make(driver)
     connects: list[int] = []
     sa.event.listen(eng, "connect", lambda *args: connects.append(1))
     with sa_rollback.rollback_scope():
@@ -481,9 +440,9 @@ def test_an_async_engine_resets_disposes_invalidates_and_collects(
 
 @async_drivers
 def test_an_async_driver_connection_connects_only_in_the_greenlet(
-    amake: Callable[..., sa.Engine], count: Count, driver: str, aloop: asyncio.AbstractEventLoop
+    make: Callable[..., sa.Engine], count: Count, driver: str, aloop: asyncio.AbstractEventLoop
 ) -> None:
-    eng = amake(driver)
+    eng = make(driver)
     with sa_rollback.rollback_scope():
         with eng.connect() as conn:
             add(conn, "test's")
