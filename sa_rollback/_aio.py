@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 from ._drivers import IDLE, INERROR, INTRANS, DatabaseKey, Driver, driver_for
 from ._sequences import plain_only
-from ._sqla import await_, in_greenlet
+from ._sqla import await_, forget_prepared_statements, in_greenlet
 from .errors import ConfigurationError
 
 
@@ -338,6 +338,17 @@ class AsyncpgDriver(AsyncDriver):
             raise
         if "ROLLBACK" in sql:
             self._aborted.discard(id(raw))
+
+    def schema_undone(self, conn: Any) -> None:
+        """Empty SQLAlchemy's statement cache on the adapter, and asyncpg's caches.
+
+        SQLAlchemy keeps each statement prepared on the connection, and renews
+        its cache after DDL that it compiled itself, not after a rollback: a
+        ``SELECT *`` prepared after a rolled-back ``ALTER TABLE`` would fail in
+        the next test with ``InvalidCachedStatementError``.
+        """
+        forget_prepared_statements(conn)
+        run(self.loop_of(conn), self.raw(conn).reload_schema_state(), "forget its prepared statements")
 
     @staticmethod
     def closed(conn: Any) -> bool:

@@ -15,6 +15,10 @@ without having written anything else; the second costs at most one extra
 savepoint. Results are cached per statement string, since applications repeat
 their statements.
 
+A write whose string has a statement starting with CREATE, ALTER or DROP is
+marked ``schema``: undoing it may change what a statement prepared since then
+refers to, which matters to drivers that cache prepared statements (asyncpg).
+
 Two more kinds guard the outer transaction:
 
 * ``ESCAPE``: a string of several statements, one of which ends the
@@ -54,6 +58,8 @@ class Statement(NamedTuple):
     kind: Kind
     #: the savepoint name, for SAVEPOINT / RELEASE / ROLLBACK TO
     name: str = ""
+    #: a write that may change the schema (CREATE, ALTER, DROP): what a driver's statement cache depends on
+    schema: bool = False
 
 
 _READ_START = re.compile(
@@ -86,6 +92,8 @@ _TXN_SETTING = re.compile(
     r"|(?:SESSION\s+|LOCAL\s+)?(?:default_)?transaction_(?:isolation|read_only|deferrable)\b)",
     re.IGNORECASE,
 )
+#: a statement of a string that may change the schema
+_SCHEMA = re.compile(r"(?:\A|;)\s*(?:CREATE|ALTER|DROP)\b", re.IGNORECASE)
 #: what ends a transaction when it starts a statement (ROLLBACK TO is a savepoint)
 _ENDS_TXN = re.compile(
     r"\s*(?:COMMIT|END|ABORT|PREPARE\s+TRANSACTION|ROLLBACK(?!\s+(?:(?:WORK|TRANSACTION)\s+)?TO\b))\b",
@@ -116,6 +124,7 @@ _TXN_KIND = {
 
 _READ = Statement(Kind.READ)
 _WRITE = Statement(Kind.WRITE)
+_SCHEMA_WRITE = Statement(Kind.WRITE, schema=True)
 _ESCAPE = Statement(Kind.ESCAPE)
 _TXN_SETTING_STMT = Statement(Kind.TXN_SETTING)
 _cache: dict[str, Statement] = {}
@@ -176,7 +185,7 @@ def _classify(sql: str) -> Statement:
         # A COMMIT or ROLLBACK with clauses the patterns above do not know:
         # running it would end the outer transaction.
         return _ESCAPE
-    return _WRITE
+    return _SCHEMA_WRITE if _SCHEMA.search(bare) else _WRITE
 
 
 def classify(sql: str) -> Statement:

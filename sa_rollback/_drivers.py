@@ -146,6 +146,13 @@ class Driver:
         """What the driver's own ``rollback()`` does to its prepared statements, as SQL to send before the ROLLBACK."""
         return ""
 
+    def schema_undone(self, conn: Any) -> None:
+        """A rollback undid DDL: forget what was prepared against the schema it changed back.
+
+        psycopg's prepared statements are forgotten at every rollback
+        (:meth:`forget_prepared`); psycopg2 prepares nothing.
+        """
+
     def undo_savepoint(self, conn: Any, name: Optional[str]) -> str:
         """Roll back to a frame's savepoint and release it, as SQL.
 

@@ -158,6 +158,7 @@ class Frame:
         "prev_sql",
         "reset_fp",
         "reset_sql",
+        "schema",
         "scope",
     )
 
@@ -175,6 +176,8 @@ class Frame:
         self.reset_sql = ""
         #: the set of sequences that reset_sql covers (see _sequences.FINGERPRINT)
         self.reset_fp: tuple[int, ...] = ()
+        #: a write here may have changed the schema (see _classify): its rollback changes it back
+        self.schema = False
 
     def last_foreign(self, txn: int) -> int:
         """Number of the latest write in this frame by a transaction other than ``txn``."""

@@ -329,6 +329,9 @@ class Physical:
                 del self.frames[index:]
                 if self.broken:
                     self.stack.clear()
+                elif any(frame.schema for frame in dropped):
+                    # What the driver prepared since may refer to the schema the rollback undid.
+                    self.driver.schema_undone(self.conn)
                 self.aborted_by = None
                 self._close_frames(dropped)
         finally:

@@ -307,6 +307,8 @@ class LogicalConnection(Logical):
                 if write is None:
                     if kind is not Kind.READ:
                         self._wrote(frame, sql)
+                        if stmt.schema:
+                            frame.schema = True
                 elif write:
                     self._wrote(frame, sql)
                 if auto:

@@ -230,3 +230,10 @@ def reconnect(record: _ConnectionRecord) -> Any:
     record.info.clear()
     record._ConnectionRecord__connect()  # type: ignore[attr-defined]  # noqa: SLF001
     return record.dbapi_connection
+
+
+def forget_prepared_statements(adapter: Any) -> None:
+    """Empty the statement cache of SQLAlchemy's asyncpg adapter ``adapter`` (when it keeps one)."""
+    cache = getattr(adapter, "_prepared_statement_cache", None)
+    if cache is not None:
+        cache.clear()

@@ -165,6 +165,29 @@ def test_async_pools_lend_one_at_a_time_unless_static() -> None:
     )
 
 
+@needs_sqlalchemy_2("async engines")
+def test_forget_prepared_statements_empties_the_asyncpg_adapters_cache() -> None:
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def main() -> tuple[int, int]:
+        engine = create_async_engine(driver_url("asyncpg"), poolclass=NullPool)
+        try:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+                adapter = (await conn.get_raw_connection()).dbapi_connection
+                before = len(adapter._prepared_statement_cache)
+                _sqla.forget_prepared_statements(adapter)
+                return before, len(adapter._prepared_statement_cache)
+        finally:
+            await engine.dispose()
+
+    before, after = asyncio.run(main())
+    assert before > 0  # the dialect's own first queries, and SELECT 1
+    assert after == 0
+
+
 class _Placeholder:
     placeholder = True
     closed = False

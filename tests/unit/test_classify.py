@@ -13,7 +13,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sa_rollback._classify import Kind, Statement, classify, normalize_name
+from sa_rollback._classify import Kind, classify, normalize_name
 
 READ, WRITE, ESCAPE = Kind.READ, Kind.WRITE, Kind.ESCAPE
 
@@ -185,7 +185,25 @@ def _id(statement: str) -> str:
 
 @pytest.mark.parametrize(("statement", "kind", "name"), EXAMPLES, ids=[_id(e[0]) for e in EXAMPLES])
 def test_classify(statement: str, kind: Kind, name: str) -> None:
-    assert classify(statement) == Statement(kind, name)
+    result = classify(statement)
+    assert (result.kind, result.name) == (kind, name)
+
+
+@pytest.mark.parametrize(
+    ("statement", "schema"),
+    [
+        ("CREATE TABLE t (x int)", True),
+        ("  alter table items add column y int", True),
+        ("/* note */ DROP TABLE items", True),
+        ("INSERT INTO t VALUES (1); ALTER TABLE t ADD y int", True),
+        ("INSERT INTO t VALUES ('; alter table')", False),
+        ("UPDATE items SET name = 'drop'", False),
+        ("TRUNCATE items", False),
+        ("SELECT * FROM items", False),
+    ],
+)
+def test_writes_that_may_change_the_schema_are_marked(statement: str, schema: bool) -> None:
+    assert classify(statement).schema is schema
 
 
 def test_the_examples_cover_every_kind() -> None:
