@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 from sa_rollback import SaRollbackWarning
 from sa_rollback.databases import Janitor, Mark, clone_name, drop_dead_clones
 from sa_rollback.databases._names import HOSTNAME
+from sa_rollback.databases._provision import prune_templates
 from sa_rollback.errors import DatabaseSetupError
 
 from ._servers import server_dir, server_processes
@@ -620,6 +621,11 @@ def test_a_malformed_mark_is_not_ours_and_is_left_alone_with_a_warning(inner: py
                 assert j.drop(name) is False
             with pytest.warns(SaRollbackWarning, match=name):
                 drop_dead_clones(j, BASE)
+            # Another base's run (a concurrent run on a shared server) has no word to say about it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", SaRollbackWarning)
+                drop_dead_clones(j, f"{BASE}_other")
+                prune_templates(j, f"{BASE}_other", current=f"{BASE}_other_sar_tpl_x")
             assert j.exists(name)
         inner.makepyfile(test_rows=SAME_ROW_TESTS)
         result = run_sql_schema(inner)

@@ -147,8 +147,13 @@ class Janitor:
         )
         return self._read(name, rows[0][0]) if rows else None
 
-    def marked(self) -> list[tuple[str, Mark]]:
-        """Every database on the server that carries the plugin's mark, whatever its name."""
+    def marked(self, ours: str = "") -> list[tuple[str, Mark]]:
+        """Every database on the server that carries the plugin's mark, whatever its name.
+
+        A mark that cannot be read is skipped, with a warning when the database's name starts with
+        ``ours`` (the names this run makes): one of another project on a shared server is not this
+        run's business.
+        """
         rows = self.conn.execute(
             "SELECT datname, description FROM ("
             " SELECT datname, shobj_description(oid, 'pg_database') AS description FROM pg_database"
@@ -157,16 +162,18 @@ class Janitor:
         )
         found = []
         for name, comment in rows:
-            mark = self._read(name, comment)
+            mark = self._read(name, comment, warn=name.startswith(ours))
             if mark is not None:
                 found.append((name, mark))
         return found
 
     @staticmethod
-    def _read(name: str, comment: Optional[str]) -> Optional[Mark]:
+    def _read(name: str, comment: Optional[str], warn: bool = True) -> Optional[Mark]:
         try:
             return Mark.parse(comment)
         except MalformedMark as exc:
+            if not warn:
+                return None
             warnings.warn(
                 f"The database {name!r} has a comment that looks like sa_rollback's mark but cannot be read "
                 f"({exc}): sa_rollback treats it as not its own and leaves it alone. Drop it, or change its "

@@ -88,7 +88,7 @@ def drop_dead_clones(janitor: Janitor, base: str) -> list[str]:
     only when their host is this one and their process is gone.
     """
     dropped: list[str] = []
-    for name, mark in janitor.marked():
+    for name, mark in janitor.marked(ours=f"{base}_sar_"):
         if mark.kind != "clone":
             continue
         if mark.lease is None:
@@ -117,7 +117,7 @@ def prune_templates(janitor: Janitor, base: str, current: str, keep: int = KEEP_
     """
     others = [
         (name, mark)
-        for name, mark in janitor.marked()
+        for name, mark in janitor.marked(ours=f"{base}_sar_")
         if mark.kind == "template" and name != current and mark.belongs_to(base, name, "_sar_tpl_")
     ]
     others.sort(key=lambda item: item[1].time or 0, reverse=True)
@@ -138,7 +138,7 @@ def drop_run_clones(plan: Plan, run_id: str) -> list[str]:
     if plan.template is None:
         return dropped
     with Janitor(plan.server.admin_url) as janitor:
-        for name, mark in janitor.marked():
+        for name, mark in janitor.marked(ours=f"{plan.base}_sar_"):
             if mark.kind == "clone" and mark.run == run_id and mark.belongs_to(plan.base, name, "_sar_"):
                 try:
                     if janitor.drop(name):
