@@ -282,3 +282,86 @@ def seeded(app, sa_rollback_module_scope):
     )
     run(pytester).assert_outcomes(passed=2)
     assert outside("SELECT count(*) FROM items") == [(0,)]
+
+
+PACKAGE_CONFTEST = """
+import os
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from helpers import add
+
+
+@pytest.fixture(scope="package", autouse=True)
+def package_data(sa_rollback_package_scope):
+    add("pkg")
+    engine = sa.create_engine(os.environ["INNER_URL"])  # an engine made in the fixture, used raw
+    raw = engine.raw_connection()
+    cursor = raw.cursor()
+    cursor.execute("INSERT INTO items (name) VALUES ('raw')")
+    raw.commit()
+    raw.close()
+    thread = threading.Thread(target=add, args=("thread",))
+    thread.start()
+    thread.join()
+"""
+
+PACKAGE_MODULE = """
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from helpers import ENGINE, add, names
+
+WIDER = ["mod", "pkg", "raw", "thread"]
+
+
+@pytest.fixture(scope="module")
+def mod(sa_rollback_module_scope):
+    add("mod")
+
+
+def test_sees_the_package_and_module_data(mod):
+    assert names() == WIDER
+    with Session(ENGINE) as session:
+        session.execute(sa.text("INSERT INTO items (name) VALUES ('t1')"))
+        with pytest.raises(sa.exc.IntegrityError):
+            with session.begin_nested():
+                session.execute(sa.text("INSERT INTO items (name) VALUES ('pkg')"))
+        session.commit()
+    assert names() == ["mod", "pkg", "raw", "t1", "thread"]  # another connection sees the commit
+
+
+def test_sees_them_as_the_fixtures_left_them(mod):
+    assert names() == WIDER
+    with pytest.raises(sa.exc.IntegrityError):
+        add("mod")  # an error, then the test goes on
+    add("t2")
+    assert names() == ["mod", "pkg", "raw", "t2", "thread"]
+"""
+
+
+def test_package_scope_autouse_and_every_path_in_it_and_a_k_selection(pytester: pytest.Pytester, outside) -> None:
+    setup(
+        pytester,
+        test_zz_after="""
+        from helpers import names
+
+        def test_after_the_package():
+            assert names() == []
+        """,
+    )
+    package = pytester.mkpydir("pkg")
+    (package / "conftest.py").write_text(PACKAGE_CONFTEST)
+    (package / "test_p1.py").write_text(PACKAGE_MODULE)
+    (package / "test_p2.py").write_text(
+        "from helpers import names\n\n\ndef test_other_module():\n    assert names() == ['pkg', 'raw', 'thread']\n"
+    )
+    run(pytester).assert_outcomes(passed=4)
+    assert outside("SELECT count(*) FROM items") == [(0,)]
+    # A selection that skips the package's first tests still sets up and rolls back its data.
+    result = run(pytester, "-k", "as_the_fixtures_left_them or after_the_package")
+    result.assert_outcomes(passed=2, deselected=2)
+    assert outside("SELECT count(*) FROM items") == [(0,)]
