@@ -205,7 +205,7 @@ def test_hot_path_is_measured_and_counted(smoke: tuple[dict[str, Any], Path]) ->
 def test_compare_revs_on_two_copies_of_this_tree(tmp_path: Path) -> None:
     out = tmp_path / "cmp.json"
     script = REPO / "benchmarks" / "compare_revs.py"
-    options = ["--url", ADMIN_URL, "--tag", "smokecmp", "--rounds", "2", "--tests", "2", "--count", "6"]
+    options = ["--url", ADMIN_URL, "--tag", f"cmp_{RUN_ID}", "--rounds", "2", "--tests", "2", "--count", "6"]
     options += ["--pytest-nodb", "1"]
     proc = subprocess.run(
         [sys.executable, str(script), str(REPO), str(REPO), *options, "--json", str(out)],
@@ -237,7 +237,7 @@ def test_a_test_in_a_data_scope_sends_the_round_trips_of_a_top_level_one(tmp_pat
     """Its SAVEPOINT replaces the BEGIN; psycopg's prepared statements cost no round trip of their own."""
     out = tmp_path / "nested.json"
     script = REPO / "benchmarks" / "compare_revs.py"
-    options = ["--url", ADMIN_URL, "--tag", "smokenest", "--rounds", "1", "--tests", "2", "--count", "12"]
+    options = ["--url", ADMIN_URL, "--tag", f"nest_{RUN_ID}", "--rounds", "1", "--tests", "2", "--count", "12"]
     proc = subprocess.run(
         [sys.executable, str(script), str(REPO), str(REPO), *options, "--b-in-data-scope", "--json", str(out)],
         cwd=tmp_path,

@@ -56,6 +56,11 @@ def made_from(base: str, kind: str = "clone") -> dict[str, Mark]:
         return {name: mark for name, mark in j.marked() if mark.kind == kind and mark.base == base}
 
 
+def of_base(base: str, names: list[str]) -> list[str]:
+    """The names of ``base``'s databases: a sweep also drops what concurrent runs' killed shards left."""
+    return [name for name in names if name.startswith(f"{base}_sar_")]
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _drop_everything() -> Iterator[None]:
     yield
@@ -80,13 +85,38 @@ def test_a_clone_is_dropped_when_its_runs_lease_is_free_whatever_host_or_pid_it_
                 mark = Mark("clone", base=base, run=run, time=int(time.time()), **foreign)  # type: ignore[arg-type]
                 mark = Mark(**{**mark.__dict__, "lease": Mark.clone(base, run).lease})
                 j.create(f"{base}_sar_{run}", mark)
-            dropped = drop_dead_clones(j, base)
+            dropped = of_base(base, drop_dead_clones(j, base))
         assert dropped == [f"{base}_sar_{dead_run}"]
         assert set(made_from(base)) == {f"{base}_sar_{live_run}"}
     finally:
         lease.close()
     with janitor() as j:
-        assert drop_dead_clones(j, base) == [f"{base}_sar_{live_run}"]  # its run is gone now
+        assert of_base(base, drop_dead_clones(j, base)) == [f"{base}_sar_{live_run}"]  # its run is gone now
+
+
+def test_a_sweep_whose_session_the_server_ends_goes_on_with_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = new_base("ended")
+    dead = [f"{base}_sar_{RUN}dead{i}" for i in range(2)]
+    with janitor() as j:
+        for name in dead:
+            j.create(name, Mark.clone(base, name.rsplit("_", 1)[1]))
+        first_pid = j.conn.execute("SELECT pg_backend_pid()")[0][0]
+        drop = Janitor.drop
+        ended: list[str] = []
+
+        def drop_after_the_server_ends_the_session(self: Janitor, name: str) -> bool:
+            if not ended:  # what a failover, an admin's pg_terminate_backend or a server restart does
+                ended.append(name)
+                with admin() as other:
+                    other.execute("SELECT pg_terminate_backend(%s)", (first_pid,))
+            return drop(self, name)
+
+        monkeypatch.setattr(Janitor, "drop", drop_after_the_server_ends_the_session)
+        dropped = of_base(base, drop_dead_clones(j, base))
+        assert ended and dropped == [name for name in dead if name not in ended]
+        assert j.conn.execute("SELECT pg_backend_pid()")[0][0] != first_pid  # a new session, usable
+        monkeypatch.undo()
+        assert of_base(base, drop_dead_clones(j, base)) == ended  # the next sweep takes the one left
 
 
 def test_old_templates_are_pruned_keeping_the_newest_and_those_in_use() -> None:

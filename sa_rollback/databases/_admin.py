@@ -128,6 +128,11 @@ class AdminConnection:
     def rollback(self) -> None:
         self.raw.rollback()
 
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (closed here, or ended by the server)."""
+        return bool(self.raw.closed)
+
     def close(self) -> None:
         STATS.closed(self)
         self.raw.close()

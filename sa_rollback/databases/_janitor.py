@@ -117,6 +117,19 @@ class Janitor:
             self._conn.close()
             self._conn = None
 
+    def reopen_if_lost(self) -> bool:
+        """Connect again if the admin connection is gone (the server ended its session); whether it was.
+
+        What the lost session held (advisory locks) went with it.
+        """
+        if self._conn is None or not self._conn.closed:
+            return False
+        with suppress(Exception):
+            self._conn.close()
+        self._conn = None
+        self.__enter__()
+        return True
+
     @property
     def conn(self) -> AdminConnection:
         if self._conn is None:

@@ -98,14 +98,16 @@ def drop_dead_clones(janitor: Janitor, base: str) -> list[str]:
                 continue
         elif not owner_gone(janitor.conn, mark.lease):
             continue
+        lost = False
         try:
             if janitor.drop(name):
                 dropped.append(name)
         except Exception:
-            pass  # another run is dropping it too, or the role may not
-        finally:
-            if mark.lease is not None:
-                let_go(janitor.conn, mark.lease)
+            # Another run is dropping it too, the role may not, or the server ended the session:
+            # sweeping what others left never fails this run.
+            lost = janitor.reopen_if_lost()
+        if mark.lease is not None and not lost:
+            let_go(janitor.conn, mark.lease)
     return dropped
 
 
