@@ -638,6 +638,20 @@ def test_a_malformed_mark_is_not_ours_and_is_left_alone_with_a_warning(inner: py
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
+def test_a_database_an_unfinished_drop_left_invalid_is_dropped_and_the_session_lives_on() -> None:
+    name = f"{BASE}_invalid"
+    with janitor() as j:
+        j.create(name, Mark.clone(BASE, RUN))
+    with admin() as conn:
+        # What PostgreSQL 15.4+ leaves when a DROP DATABASE stops midway (an interrupt, a crash).
+        conn.execute("UPDATE pg_database SET datconnlimit = -2 WHERE datname = %s", (name,))
+    with janitor() as j:
+        pid = j.conn.execute("SELECT pg_backend_pid()")[0][0]
+        assert j.drop(name) is True
+        assert not j.exists(name)
+        assert j.conn.execute("SELECT pg_backend_pid()")[0][0] == pid  # no ALTER DATABASE ended it
+
+
 def test_drop_refuses_new_connections_before_it_ends_the_open_ones() -> None:
     name = f"{BASE}_busy"
     with janitor() as j:

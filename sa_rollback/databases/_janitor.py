@@ -286,14 +286,29 @@ class Janitor:
         """
         if self.mark(name) is None:
             return False
+        drop = self.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
+        if self._invalid(name):
+            self.conn.execute(drop)
+            return True
         self._allow_connections(name, False)
         try:
-            self.conn.execute(self.conn.compose("DROP DATABASE IF EXISTS {} WITH (FORCE)", name))
+            self.conn.execute(drop)
         except BaseException:
             with suppress(Exception):
-                self._allow_connections(name, True)
+                if not self._invalid(name):
+                    self._allow_connections(name, True)
             raise
         return True
+
+    def _invalid(self, name: str) -> bool:
+        """Whether a DROP DATABASE that did not finish left the database invalid.
+
+        PostgreSQL (15.4 and later) then refuses every command on it but DROP
+        DATABASE, and an ALTER DATABASE on it ends the session (FATAL): seen
+        when two runs dropped the same leftover at once.
+        """
+        rows = self.conn.execute("SELECT datconnlimit = -2 FROM pg_database WHERE datname = %s", (name,))
+        return bool(rows and rows[0][0])
 
     def drop_if_unused(self, name: str) -> bool:
         """Drop a database of the plugin's that nobody is connected to; leave it alone otherwise."""
