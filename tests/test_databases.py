@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from sa_rollback import SaRollbackWarning
 from sa_rollback.databases import Janitor, Mark, clone_name, drop_dead_clones
+from sa_rollback.databases._lease import Lease
 from sa_rollback.databases._names import HOSTNAME
 from sa_rollback.databases._provision import prune_templates
 from sa_rollback.errors import DatabaseSetupError
@@ -115,7 +116,12 @@ def clones_of(base: str) -> list[str]:
 def _base_database() -> Iterator[None]:
     with admin() as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(BASE)))
-    yield
+    # The clones made here with RUN's mark belong to a live run: a concurrent run's sweep leaves them.
+    lease = Lease(make_url(ADMIN_URL), RUN)
+    try:
+        yield
+    finally:
+        lease.close()
     left = [name for base in BASES for name in clones_of(base)]
     for base in BASES:
         drop_made_from(base)
