@@ -263,10 +263,11 @@ class TestScope(LazyScope):
             self.scope = self._make().__enter__()
         else:  # LazyScope.open, with State.defer written out: each call is a test's microsecond
             self.scope = None
-            if STATE.deferred is None:
-                STATE.deferred = self
-            else:
+            deferred = STATE.deferred
+            if deferred:
                 STATE.defer(self)
+            else:
+                deferred[self] = True
         (item if fixturedef is None else fixturedef).addfinalizer(self.finish)
         return None
 
@@ -306,15 +307,11 @@ class TestScope(LazyScope):
             return  # finished already (registered twice: see begin)
         self.count += 1
         self.item = self.begun = None
-        state = STATE
-        if state.deferred is self:  # LazyScope.end, with State.cancel written out
-            with state.lock:
-                if state.deferred is self:  # no other thread made it meanwhile
-                    state.deferred = None
-                    return  # never used, and now forgotten: nothing to roll back
-        else:
-            with state.lock:
-                pass  # another thread may be making it: the lock is held until it is pushed
+        # LazyScope.end, with State.cancel written out
+        if STATE.deferred.pop(self, False):
+            return  # never used, and now forgotten: nothing to roll back
+        with STATE.lock:
+            pass  # another thread may be making it: the lock is held until it is pushed
         scope, self.scope = self.scope, None
         if scope is None:
             return

@@ -39,10 +39,11 @@ class State:
     def __init__(self) -> None:
         #: the innermost open scope (read through :attr:`top`)
         self._top: Optional[ScopeLike] = None
-        #: makes a scope deferred with :meth:`defer`: it joins the stack when something first asks for
-        #: the top. Set it with :meth:`defer` and clear it with :meth:`cancel` (or, where a call costs
-        #: too much, as they do: set only when None, cleared only under :attr:`lock`).
-        self.deferred: Optional[Callable[[], ScopeLike]] = None
+        #: what makes the scope deferred with :meth:`defer` (its one key): it joins the stack when
+        #: something first asks for the top. Whoever pops it owns it: the thread that makes the scope
+        #: (under :attr:`lock`), or :meth:`cancel`, without the lock; ``dict.pop`` is atomic. Add with
+        #: :meth:`defer` (or, where the call costs too much, as it does: only when empty).
+        self.deferred: dict[Callable[[], ScopeLike], bool] = {}
         #: the lock timeout of scopes that do not set one (the plugin sets it from its settings)
         self.lock_timeout: float = DEFAULT_LOCK_TIMEOUT
         self.scopes: list[ScopeLike] = []
@@ -64,12 +65,12 @@ class State:
     @property
     def top(self) -> Optional[ScopeLike]:
         """The innermost open scope, or None. A deferred scope joins the stack here, on first need."""
-        if self.deferred is not None or self._making is not None:
+        if self.deferred or self._making is not None:
             self._join_deferred()
         return self._top
 
     def push(self, scope: ScopeLike) -> None:
-        if self.deferred is not None:
+        if self.deferred:
             self._join_deferred()  # a scope opened inside it nests in it
         with self.lock:
             self.scopes.append(scope)
@@ -83,20 +84,21 @@ class State:
         Only for a scope that nothing would adopt into (no connection noted as lent before it):
         what is lent before a scope must be taken over when the scope opens.
         """
-        if self.deferred is not None:
+        if self.deferred:
             self._join_deferred()
-        self.deferred = make
+        self.deferred[make] = True
 
     def cancel(self, make: Callable[[], ScopeLike]) -> bool:
         """The deferred scope of ``make`` closes: True if it was never made, and is now forgotten.
 
         False once it is made; if another thread is making it, this waits until it is pushed.
+        Without the lock when it was never made: taking it costs a test that uses no database
+        more than the rest of its end.
         """
-        with self.lock:
-            if self.deferred is not make:
-                return False
-            self.deferred = None
+        if self.deferred.pop(make, False):
             return True
+        with self.lock:
+            return False  # made, or being made until the lock is free: then it is pushed
 
     def _join_deferred(self) -> None:
         # Made and pushed under the lock: another thread that asks meanwhile waits for it, and
@@ -105,10 +107,10 @@ class State:
         if self._making == threading.get_ident():
             return
         with self.lock:
-            make = self.deferred
-            if make is None:
-                return  # made meanwhile, while this thread waited for the lock
-            self.deferred = None
+            try:
+                make, _ = self.deferred.popitem()
+            except KeyError:
+                return  # made or cancelled meanwhile, while this thread waited for the lock
             self._making = threading.get_ident()
             try:
                 scope = make()
@@ -134,7 +136,7 @@ class State:
         Scopes opened meanwhile nest inside the kept ones; the set-aside ones
         come back on top of them.
         """
-        if self.deferred is not None:
+        if self.deferred:
             self._join_deferred()  # set aside with the rest
         with self.lock:
             saved, self.scopes = self.scopes[keep:], self.scopes[:keep]

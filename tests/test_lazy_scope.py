@@ -202,3 +202,18 @@ def test_the_maker_asking_for_the_top_itself_finds_none_yet() -> None:
     assert asked == [None] and STATE.top is scope
     assert lazy.end() is scope
     scope.close()
+
+
+def test_a_scope_never_made_ends_without_waiting_for_the_lock() -> None:
+    """Ending a lazy scope nothing used takes no lock: it is what every test that uses no database pays."""
+    made: list[sa_rollback.RollbackScope] = []
+    lazy = LazyScope(lambda: made.append(sa_rollback.RollbackScope("test")) or made[-1])
+    lazy.open()
+    ended: list[object] = []
+    with STATE.lock:  # held meanwhile, as by a thread making a shared connection
+        ender = threading.Thread(target=lambda: ended.append(lazy.end()))
+        ender.start()
+        ender.join(5)
+        done = not ender.is_alive()
+    ender.join()
+    assert done and ended == [None] and made == []
