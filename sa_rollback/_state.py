@@ -107,12 +107,14 @@ class State:
         if self._making == threading.get_ident():
             return
         with self.lock:
-            try:
-                make, _ = self.deferred.popitem()
-            except KeyError:
-                return  # made or cancelled meanwhile, while this thread waited for the lock
+            # `_making` is set before the pop: a thread that reads `top` without the lock sees
+            # the deferred scope or its making at every moment, never neither.
             self._making = threading.get_ident()
             try:
+                try:
+                    make, _ = self.deferred.popitem()
+                except KeyError:
+                    return  # made or cancelled meanwhile, while this thread waited for the lock
                 scope = make()
                 self.scopes.append(scope)
                 self._top = scope
