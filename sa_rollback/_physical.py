@@ -92,6 +92,8 @@ class Physical:
         self.lost: Optional[BaseException] = None
         #: open cursor.stream() / cursor.copy() blocks, which keep the driver busy
         self.streaming = 0
+        #: some open frame ran DDL (``Frame.schema``): read at every frame's close, which is why it is kept
+        self.schema_changed = False
         STATS.opened(self, key.dbname)
 
     def next_id(self) -> int:
@@ -329,8 +331,9 @@ class Physical:
                 del self.frames[index:]
                 if self.broken:
                     self.stack.clear()
-                elif any(frame.schema for frame in dropped):
+                elif self.schema_changed and any(frame.schema for frame in dropped):
                     # What the driver prepared since may refer to the schema the rollback undid.
+                    self.schema_changed = any(frame.schema for frame in self.frames)
                     self.driver.schema_undone(self.conn)
                 self.aborted_by = None
                 self._close_frames(dropped)

@@ -308,7 +308,7 @@ class LogicalConnection(Logical):
                     if kind is not Kind.READ:
                         self._wrote(frame, sql)
                         if stmt.schema:
-                            frame.schema = True
+                            frame.schema = phys.schema_changed = True
                 elif write:
                     self._wrote(frame, sql)
                 if auto:

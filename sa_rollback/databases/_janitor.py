@@ -104,13 +104,16 @@ class Janitor:
         self._conn: Optional[AdminConnection] = None
 
     def __enter__(self) -> Janitor:
+        self._conn = self._connect()
+        return self
+
+    def _connect(self) -> AdminConnection:
         # The driver is chosen outside the try: a missing driver is its own error, not an unreachable server.
         driver = admin_driver(self.url)
         try:
-            self._conn = driver.connect(self.url)
+            return driver.connect(self.url)
         except driver.module.Error as exc:
             raise unreachable(self.url, exc, self.setting_hint) from None
-        return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._conn is not None:
@@ -127,7 +130,7 @@ class Janitor:
         with suppress(Exception):
             self._conn.close()
         self._conn = None
-        self.__enter__()
+        self._conn = self._connect()
         return True
 
     @property
